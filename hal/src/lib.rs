@@ -1,0 +1,2 @@
+//! The hypervisor side of the project. Every `unsafe` of the project lives in this crate.
+#![no_std]

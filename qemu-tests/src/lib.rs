@@ -1,0 +1,1 @@
+//! Host-side support: QEMU machines, QMP, the test guest, captures.
