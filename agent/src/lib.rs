@@ -1,2 +1,18 @@
+//! The postcopy destination's core: QEMU migration stream decoding, the postcopy state, the
+//! engine that turns records into actions, and page tracking.
+//!
+//! `no_std`, no heap, no `unsafe`, no panics on any input. It does no I/O: bytes come in from
+//! the caller's receive ring, actions go out through the traits in [`ports`].
 #![no_std]
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+#[cfg(test)]
+extern crate std;
+
+pub mod config;
+pub mod error;
+pub mod postcopy;
+pub mod wire;
+
+pub use error::{Defect, Error, Field};

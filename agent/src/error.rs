@@ -1,0 +1,172 @@
+//! Typed, `Copy`, heap-free errors that name the QEMU field and the stream offset.
+
+use core::fmt;
+
+/// The QEMU field (or record) a defect was found in. Names follow the spec's tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field {
+    /// Stream header magic ("QEVM").
+    Magic,
+    /// Stream header version.
+    Version,
+    /// The top-level section type byte.
+    SectionType,
+    /// CONFIGURATION machine-type name.
+    MachineName,
+    /// CONFIGURATION subsection (name, version or fields).
+    ConfigSubsection,
+    /// Section idstr.
+    SectionIdstr,
+    /// Section id of a PART/END record.
+    SectionId,
+    /// Section version_id.
+    SectionVersion,
+    /// Section footer (mark or id).
+    SectionFooter,
+    /// Command number.
+    CommandId,
+    /// Command payload length.
+    CommandLength,
+    /// POSTCOPY_ADVISE host page-size summary.
+    AdviseHostPageSize,
+    /// POSTCOPY_ADVISE target page size.
+    AdviseTargetPageSize,
+    /// RAM_DISCARD version byte.
+    DiscardVersion,
+    /// RAM_DISCARD block name (length, name, NUL).
+    DiscardBlockName,
+    /// RAM_DISCARD range start.
+    DiscardStart,
+    /// RAM_DISCARD range length.
+    DiscardLength,
+    /// PACKAGED blob length or contents.
+    Packaged,
+    /// RAM record flags (low bits of the record word).
+    RamFlags,
+    /// RAM record offset (high bits of the record word).
+    RamOffset,
+    /// RAM record block idstr.
+    RamBlockName,
+    /// MEM_SIZE block list (total or a block's length).
+    RamBlockList,
+    /// VMDESCRIPTION length.
+    VmDescription,
+    /// Opaque device state (FULL records).
+    DeviceState,
+    /// The stream ended.
+    EndOfStream,
+    /// A return-path message.
+    ReturnPath,
+}
+
+/// What is wrong with the field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Defect {
+    /// The stream ended inside this field.
+    Truncated,
+    /// A value other than the one required.
+    BadValue {
+        /// What the stream carried.
+        found: u64,
+        /// What was required.
+        expected: u64,
+    },
+    /// A value the protocol does not define (or this destination does not know).
+    Unknown {
+        /// What the stream carried.
+        found: u64,
+    },
+    /// A length above this destination's cap (`config`).
+    TooLong {
+        /// Length the stream announced.
+        len: u64,
+        /// The cap.
+        cap: u64,
+    },
+    /// More items than a fixed-capacity table holds (`config`).
+    TooMany {
+        /// The capacity.
+        cap: u64,
+    },
+    /// A value that must be aligned is not.
+    Misaligned {
+        /// The value.
+        value: u64,
+        /// Required alignment.
+        align: u64,
+    },
+    /// `[start, start+len)` is not inside the block of length `limit`.
+    OutOfRange {
+        /// Start of the offending range.
+        start: u64,
+        /// Its length.
+        len: u64,
+        /// The block length (or other bound).
+        limit: u64,
+    },
+    /// A command arrived in a postcopy state that does not allow it.
+    WrongState {
+        /// The state the destination was in.
+        state: crate::postcopy::State,
+    },
+    /// A block name the destination does not have.
+    UnknownBlock,
+    /// A CONTINUE record with no previous block on this channel.
+    NoPreviousBlock,
+    /// A PING arrived before OPEN_RETURN_PATH.
+    NoReturnPath,
+    /// A feature of the stream this destination refuses (XBZRLE, compression, COLO, recovery...).
+    Unsupported,
+    /// The return path could not be written.
+    ReturnPathFailed,
+    /// Guest memory refused the block layout (hypervisor: a block it does not emulate).
+    MemoryRefused,
+}
+
+/// A protocol error: where in the stream, which field, what is wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Error {
+    /// Byte offset in the migration stream of the record holding the field (the first byte of
+    /// the record, or of the page record for RAM).
+    pub offset: u64,
+    /// The field.
+    pub field: Field,
+    /// The defect.
+    pub defect: Defect,
+}
+
+impl Error {
+    /// Builds an error.
+    pub const fn new(offset: u64, field: Field, defect: Defect) -> Self {
+        Self { offset, field, defect }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "stream offset {}: {:?}: ", self.offset, self.field)?;
+        match self.defect {
+            Defect::Truncated => write!(f, "stream ends inside this field"),
+            Defect::BadValue { found, expected } => {
+                write!(f, "found {found:#x}, expected {expected:#x}")
+            }
+            Defect::Unknown { found } => write!(f, "unknown value {found:#x}"),
+            Defect::TooLong { len, cap } => write!(f, "length {len} over the cap {cap}"),
+            Defect::TooMany { cap } => write!(f, "more than {cap} entries"),
+            Defect::Misaligned { value, align } => {
+                write!(f, "{value:#x} is not aligned to {align:#x}")
+            }
+            Defect::OutOfRange { start, len, limit } => write!(
+                f,
+                "range [{start:#x}, +{len:#x}) is outside the block of {limit:#x} bytes"
+            ),
+            Defect::WrongState { state } => write!(f, "not allowed in postcopy state {state:?}"),
+            Defect::UnknownBlock => write!(f, "unknown RAMBlock"),
+            Defect::NoPreviousBlock => write!(f, "CONTINUE with no previous block"),
+            Defect::NoReturnPath => write!(f, "return path not open"),
+            Defect::Unsupported => write!(f, "not supported by this destination"),
+            Defect::ReturnPathFailed => write!(f, "return path write failed"),
+            Defect::MemoryRefused => write!(f, "guest memory refused the block"),
+        }
+    }
+}
