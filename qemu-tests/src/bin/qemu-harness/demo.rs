@@ -1,0 +1,85 @@
+//! `demo`: a postcopy migration of a pc source running the dirty guest into
+//! `postcopy-dest`, with progress once per second and a RAM check at the end.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use qemu_tests::scenario::{run as run_scenario, Scenario};
+use qemu_tests::source::Machine;
+use qemu_tests::{bail, Result};
+
+use crate::{parse_mib, Flags};
+
+pub(crate) fn run(args: &[String]) -> Result<()> {
+    let flags = Flags::new(
+        args,
+        &[
+            "--machine",
+            "--mem",
+            "--dest",
+            "--guest",
+            "--record",
+            "--touch",
+        ],
+        &["--precopy"],
+    )?;
+    let machine = Machine::parse(flags.get("--machine").unwrap_or("pc"))?;
+    let dest = match flags.get("--dest") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe()?.with_file_name("postcopy-dest"),
+    };
+    if !dest.exists() {
+        bail!(
+            "{} not found: build it with `cargo build -p qemu-tests --bins`",
+            dest.display()
+        );
+    }
+    let mut sc = if flags.has("--precopy") {
+        Scenario::precopy(machine)
+    } else {
+        Scenario::postcopy(machine)
+    };
+    sc.mem_mib = parse_mib(flags.get("--mem").unwrap_or("64M"))?;
+    if let Some(g) = flags.get("--guest") {
+        sc.guest_append = g.to_string();
+    }
+    if let Some(t) = flags.get("--touch") {
+        sc.touch = Some(t.to_string());
+    }
+    sc.record = flags.get("--record").map(PathBuf::from);
+    sc.progress = true;
+    sc.timeout = Duration::from_secs(120);
+    println!(
+        "demo: {} source, {} MiB, guest `{}`, {} into {}",
+        machine.as_str(),
+        sc.mem_mib,
+        sc.guest_append,
+        if sc.postcopy { "postcopy" } else { "precopy" },
+        dest.display()
+    );
+    let out = run_scenario(&dest, &sc)?;
+    println!(
+        "source: {} after {} B ({} normal, {} zero pages, {} postcopy requests); postcopy-active seen: {}",
+        out.source.status,
+        out.source.transferred,
+        out.source.normal_pages,
+        out.source.zero_pages,
+        out.source.postcopy_requests,
+        out.saw_postcopy_active
+    );
+    println!(
+        "guest: heartbeat {} pages dirtied {}",
+        out.guest.heartbeat, out.guest.pages_dirtied
+    );
+    match out.ram_diff {
+        None => {
+            println!(
+                "RAM check: destination {} equals the source, {} bytes compared",
+                machine.ram_block(),
+                out.ram_bytes
+            );
+            Ok(())
+        }
+        Some(diff) => bail!("RAM check FAILED: {diff}"),
+    }
+}

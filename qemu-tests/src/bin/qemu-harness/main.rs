@@ -1,0 +1,144 @@
+//! Command-line front end of the harness, run by `cargo xtask capture|demo`.
+//!
+//! ```text
+//! qemu-harness capture --machine pc --mem 320M --out FILE [--guest ARGS] [--fill]
+//!                      [--no-vga] [--max-bandwidth BYTES_PER_S] [--dirty-for SECS]
+//! qemu-harness demo [--machine pc|q35] [--mem 64M] [--dest PATH]
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use qemu_tests::capture::{capture_precopy, check_precopy_stream, CaptureSpec};
+use qemu_tests::source::Machine;
+use qemu_tests::{bail, Result};
+
+mod demo;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("capture") => capture(&args[1..]),
+        Some("demo") => demo::run(&args[1..]),
+        _ => Err(qemu_tests::Error(
+            "usage: qemu-harness capture --machine pc --mem 320M --out FILE [--guest ARGS] [--fill] \
+             [--no-vga] [--max-bandwidth B] [--dirty-for S] | demo [--machine pc] [--mem 64M] [--dest PATH]"
+                .into(),
+        )),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses `--flag value` pairs and bare `--flag`s.
+pub(crate) struct Flags(Vec<String>);
+
+impl Flags {
+    pub(crate) fn new(args: &[String], known: &[&str], switches: &[&str]) -> Result<Self> {
+        let mut i = 0;
+        while i < args.len() {
+            let a = args[i].as_str();
+            if switches.contains(&a) {
+                i += 1;
+            } else if known.contains(&a) && i + 1 < args.len() {
+                i += 2;
+            } else {
+                bail!("unexpected argument {a:?}");
+            }
+        }
+        Ok(Flags(args.to_vec()))
+    }
+
+    pub(crate) fn get(&self, flag: &str) -> Option<&str> {
+        let i = self.0.iter().position(|a| a == flag)?;
+        self.0.get(i + 1).map(String::as_str)
+    }
+
+    pub(crate) fn has(&self, flag: &str) -> bool {
+        self.0.iter().any(|a| a == flag)
+    }
+}
+
+/// `320M`, `1G`, `64` (MiB) to MiB.
+pub(crate) fn parse_mib(s: &str) -> Result<u64> {
+    let (num, mult) = match s.strip_suffix(['G', 'g']) {
+        Some(n) => (n, 1024),
+        None => (s.trim_end_matches(['M', 'm']), 1),
+    };
+    match num.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(n * mult),
+        _ => bail!("bad memory size {s:?}"),
+    }
+}
+
+fn capture(args: &[String]) -> Result<()> {
+    let flags = Flags::new(
+        args,
+        &[
+            "--machine",
+            "--mem",
+            "--out",
+            "--guest",
+            "--max-bandwidth",
+            "--dirty-for",
+            "--timeout",
+        ],
+        &["--fill", "--no-vga", "--no-guest"],
+    )?;
+    let machine = Machine::parse(flags.get("--machine").unwrap_or("pc"))?;
+    let mem = parse_mib(flags.get("--mem").unwrap_or("320M"))?;
+    let Some(out) = flags.get("--out").map(PathBuf::from) else {
+        bail!("capture needs --out FILE");
+    };
+    let mut spec = CaptureSpec::new(machine, mem);
+    spec.vga = !flags.has("--no-vga");
+    if machine != Machine::None && !flags.has("--no-guest") {
+        let mut append = flags.get("--guest").unwrap_or("rate=2048").to_string();
+        if flags.has("--fill") {
+            append.push_str(" fill");
+        }
+        spec.guest_append = Some(append);
+    }
+    if let Some(bw) = flags.get("--max-bandwidth") {
+        spec.max_bandwidth = Some(
+            bw.parse()
+                .map_err(|_| qemu_tests::Error(format!("bad --max-bandwidth {bw}")))?,
+        );
+    }
+    if let Some(s) = flags.get("--dirty-for") {
+        let secs: f64 = s
+            .parse()
+            .map_err(|_| qemu_tests::Error(format!("bad --dirty-for {s}")))?;
+        spec.dirty_for = Duration::from_secs_f64(secs);
+    }
+    if let Some(s) = flags.get("--timeout") {
+        let secs: u64 = s
+            .parse()
+            .map_err(|_| qemu_tests::Error(format!("bad --timeout {s}")))?;
+        spec.timeout = Duration::from_secs(secs);
+    }
+    let cap = capture_precopy(&spec, &out)?;
+    check_precopy_stream(&std::fs::read(&cap.path)?)?;
+    println!("capture:      {}", cap.path.display());
+    println!("bytes:        {}", cap.bytes);
+    println!("ram sha256:   {}", cap.ram_sha256);
+    println!("command line: {}", cap.command_line.join(" "));
+    println!(
+        "source:       status {} transferred {} normal pages {} zero pages {} syncs {}",
+        cap.info.status,
+        cap.info.transferred,
+        cap.info.normal_pages,
+        cap.info.zero_pages,
+        cap.info.dirty_sync_count
+    );
+    if let Some(g) = cap.guest {
+        println!("guest:        {g:?}");
+    }
+    Ok(())
+}

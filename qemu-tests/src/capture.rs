@@ -1,0 +1,172 @@
+//! Recording real QEMU 7.2 precopy streams.
+//!
+//! The source migrates (no `postcopy-ram`, so no return path) to a unix socket that a
+//! thread of this process accepts and copies to the output file until EOF. (Recording
+//! through `exec:cat > FILE` is racy: when the migration ends QEMU sends SIGTERM to an
+//! exec child that has not exited yet, which can lose the tail still in the pipe.)
+
+use std::io::{BufWriter, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::guest::{build_dirty_guest, GuestStatus};
+use crate::ram::sha256_hex;
+use crate::source::{Machine, MigrationInfo, SourceVm};
+use crate::{bail, Result};
+
+/// What to record.
+#[derive(Debug, Clone)]
+pub struct CaptureSpec {
+    /// Source machine type.
+    pub machine: Machine,
+    /// RAM in MiB.
+    pub mem_mib: u64,
+    /// Boot the dirty guest with this command line (`None`: no kernel).
+    pub guest_append: Option<String>,
+    /// Keep the default VGA device.
+    pub vga: bool,
+    /// `max-bandwidth` in bytes/s (`None`: QEMU's default, 32 MiB/s).
+    pub max_bandwidth: Option<u64>,
+    /// With a guest: let precopy run this long with the guest dirtying, then `stop` the
+    /// guest so that precopy converges.
+    pub dirty_for: Duration,
+    /// Give up after this long.
+    pub timeout: Duration,
+}
+
+impl CaptureSpec {
+    /// A capture of `machine` with `mem_mib` MiB, no guest, default bandwidth.
+    pub fn new(machine: Machine, mem_mib: u64) -> Self {
+        CaptureSpec {
+            machine,
+            mem_mib,
+            guest_append: None,
+            vga: true,
+            max_bandwidth: None,
+            dirty_for: Duration::from_secs(2),
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A finished capture.
+#[derive(Debug, Clone)]
+pub struct Capture {
+    /// The stream file.
+    pub path: PathBuf,
+    /// Its size.
+    pub bytes: u64,
+    /// SHA-256 of the source's RAM after the migration completed (guest-physical
+    /// `[0, mem)` read with `pmemsave`, holes zeroed; see [`Machine::ram_holes`]).
+    pub ram_sha256: String,
+    /// The source's final `query-migrate`.
+    pub info: MigrationInfo,
+    /// QEMU's command line.
+    pub command_line: Vec<String>,
+    /// The dirty guest's status when the migration completed.
+    pub guest: Option<GuestStatus>,
+}
+
+/// Accepts one connection on `listener` and copies it to `out` until EOF.
+fn record(listener: UnixListener, out: PathBuf, deadline: Instant) -> JoinHandle<Result<u64>> {
+    std::thread::spawn(move || {
+        listener.set_nonblocking(true)?;
+        let mut stream = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        bail!("no migration connection arrived");
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now())))?;
+        let mut file = BufWriter::new(std::fs::File::create(&out)?);
+        let n = std::io::copy(&mut stream, &mut file)?;
+        file.flush()?;
+        Ok(n)
+    })
+}
+
+/// Records a precopy migration of the source described by `spec` into `out`.
+pub fn capture_precopy(spec: &CaptureSpec, out: &Path) -> Result<Capture> {
+    let deadline = Instant::now() + spec.timeout;
+    let mut builder = SourceVm::builder(spec.machine).mem_mib(spec.mem_mib);
+    if !spec.vga {
+        builder = builder.no_vga();
+    }
+    if let Some(append) = &spec.guest_append {
+        let guest = build_dirty_guest()?;
+        builder = builder.kernel(&guest, append);
+    }
+    let mut vm = builder.spawn()?;
+    if spec.guest_append.is_some() {
+        vm.wait_guest_dirtying(spec.timeout)?;
+    }
+    if let Some(bw) = spec.max_bandwidth {
+        vm.set_max_bandwidth(bw)?;
+    }
+    let sock = vm.dir().join("capture.sock");
+    let listener = UnixListener::bind(&sock)?;
+    let out = std::path::absolute(out)?;
+    let recorder = record(listener, out.clone(), deadline);
+    vm.migrate(&format!("unix:{}", sock.display()))?;
+    if spec.guest_append.is_some() {
+        std::thread::sleep(spec.dirty_for);
+        vm.stop()?;
+    }
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let info = vm.wait_status(&["completed"], remaining)?;
+    while !recorder.is_finished() {
+        if Instant::now() > deadline {
+            bail!("the source completed but did not close the migration socket");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let bytes = match recorder.join() {
+        Ok(r) => r?,
+        Err(_) => bail!("the recorder thread panicked"),
+    };
+    let guest = match spec.guest_append {
+        Some(_) => Some(vm.guest_status()?),
+        None => None,
+    };
+    let ram_sha256 = sha256_hex(&vm.read_ram()?);
+    let command_line = vm.command_line().to_vec();
+    vm.quit()?;
+    Ok(Capture {
+        path: out,
+        bytes,
+        ram_sha256,
+        info,
+        command_line,
+        guest,
+    })
+}
+
+/// Checks that `stream` is a complete precopy stream: QEMU magic and version 3 at the
+/// start, and at the end an EOF byte followed by a VMDESCRIPTION record whose length
+/// matches the end of the data.
+pub fn check_precopy_stream(stream: &[u8]) -> Result<()> {
+    if stream.len() < 16 || stream[..8] != [0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3] {
+        bail!("not a QEMU v3 migration stream");
+    }
+    // The JSON is short relative to the stream, but search only a bounded tail.
+    let lo = stream.len().saturating_sub(4 << 20);
+    for p in (lo..stream.len().saturating_sub(5)).rev() {
+        if stream[p] == 0x06 && p > 0 && stream[p - 1] == 0x00 {
+            let len =
+                u32::from_be_bytes([stream[p + 1], stream[p + 2], stream[p + 3], stream[p + 4]]);
+            if p + 5 + len as usize == stream.len() && stream[p + 5] == b'{' {
+                return Ok(());
+            }
+        }
+    }
+    bail!("stream does not end with EOF + VMDESCRIPTION: truncated?")
+}

@@ -1,0 +1,211 @@
+//! One end-to-end migration: a QEMU source running the dirty guest migrates into
+//! `postcopy-dest`; afterwards the destination's dump of main RAM is compared with the
+//! (paused) source's RAM.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::dest::{Dest, DestOptions, Summary};
+use crate::guest::{build_dirty_guest, GuestStatus};
+use crate::ram::{diff_pages, zero_holes};
+use crate::source::{Machine, MigrationInfo, SourceVm};
+use crate::{bail, Result};
+
+/// What to migrate and how.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Source machine type.
+    pub machine: Machine,
+    /// RAM in MiB (at most 2048).
+    pub mem_mib: u64,
+    /// Dirty guest command line.
+    pub guest_append: String,
+    /// Enable `postcopy-ram` and switch to postcopy after [`Scenario::precopy_for`].
+    pub postcopy: bool,
+    /// `max-bandwidth` in bytes/s (`None`: QEMU's default, 32 MiB/s).
+    pub max_bandwidth: Option<u64>,
+    /// `max-postcopy-bandwidth` in bytes/s (`None`: unlimited).
+    pub max_postcopy_bandwidth: Option<u64>,
+    /// Time in precopy before `migrate-start-postcopy`.
+    pub precopy_for: Duration,
+    /// `--touch` for the destination.
+    pub touch: Option<String>,
+    /// `--record FILE` for the destination.
+    pub record: Option<PathBuf>,
+    /// Overall limit for the migration.
+    pub timeout: Duration,
+    /// Print the source's progress once per second.
+    pub progress: bool,
+}
+
+impl Scenario {
+    /// A postcopy migration of `machine` with 32 MiB, the guest dirtying 2 MiB/s, limited
+    /// precopy bandwidth so that postcopy really starts, `--touch random`.
+    pub fn postcopy(machine: Machine) -> Self {
+        Scenario {
+            machine,
+            mem_mib: 32,
+            guest_append: "rate=2048".into(),
+            postcopy: true,
+            max_bandwidth: Some(256 << 10),
+            max_postcopy_bandwidth: Some(512 << 10),
+            precopy_for: Duration::from_millis(1000),
+            touch: Some("random".into()),
+            record: None,
+            timeout: Duration::from_secs(60),
+            progress: false,
+        }
+    }
+
+    /// A pure precopy migration (no `postcopy-ram`) at QEMU's default bandwidth.
+    pub fn precopy(machine: Machine) -> Self {
+        Scenario {
+            postcopy: false,
+            max_bandwidth: None,
+            max_postcopy_bandwidth: None,
+            touch: None,
+            ..Scenario::postcopy(machine)
+        }
+    }
+}
+
+/// What happened.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The destination's summary.
+    pub summary: Summary,
+    /// The source's final `query-migrate`.
+    pub source: MigrationInfo,
+    /// The source was seen in `postcopy-active` at least once.
+    pub saw_postcopy_active: bool,
+    /// The guest's status page on the source at the end.
+    pub guest: GuestStatus,
+    /// `None` if the dump of main RAM equals the source's RAM, else what differs.
+    pub ram_diff: Option<String>,
+    /// Bytes of main RAM compared.
+    pub ram_bytes: usize,
+    /// The destination's stdout.
+    pub dest_stdout: String,
+}
+
+/// The dump file name of a RAMBlock id (`/` replaced by `_`).
+pub fn dump_file_name(block: &str) -> String {
+    format!("{}.bin", block.replace('/', "_"))
+}
+
+/// Runs the scenario against the destination binary `dest_bin`.
+pub fn run(dest_bin: &Path, sc: &Scenario) -> Result<Outcome> {
+    let guest = build_dirty_guest()?;
+    let mut vm = SourceVm::builder(sc.machine)
+        .mem_mib(sc.mem_mib)
+        .kernel(&guest, &sc.guest_append)
+        .spawn()?;
+    vm.wait_guest_dirtying(Duration::from_secs(30))?;
+
+    let work = tempfile::Builder::new().prefix("scenario-").tempdir()?;
+    let sock = work.path().join("migrate.sock");
+    let dump_dir = work.path().join("dump");
+    std::fs::create_dir(&dump_dir)?;
+    let opts = DestOptions {
+        listen: Some(format!("unix:{}", sock.display())),
+        dump_dir: Some(dump_dir.clone()),
+        touch: sc.touch.clone(),
+        record: sc.record.clone(),
+        ..DestOptions::default()
+    };
+    let mut dest = Dest::spawn(dest_bin, &opts)?;
+
+    if sc.postcopy {
+        vm.set_capabilities(&[("postcopy-ram", true)])?;
+    }
+    if let Some(bw) = sc.max_bandwidth {
+        vm.set_max_bandwidth(bw)?;
+    }
+    if let Some(bw) = sc.max_postcopy_bandwidth {
+        vm.set_max_postcopy_bandwidth(bw)?;
+    }
+    let start = Instant::now();
+    vm.migrate(&format!("unix:{}", sock.display()))?;
+
+    let mut postcopy_requested = !sc.postcopy;
+    let mut saw_postcopy_active = false;
+    let mut next_report = start;
+    let source = loop {
+        let info = vm.query_migrate()?;
+        saw_postcopy_active |= info.status == "postcopy-active";
+        if sc.progress && Instant::now() >= next_report {
+            println!(
+                "[{:5.1}s] source {:<16} transferred {:>10} B  remaining {:>10} B  requests {}",
+                start.elapsed().as_secs_f64(),
+                info.status,
+                info.transferred,
+                info.remaining,
+                info.postcopy_requests
+            );
+            next_report += Duration::from_secs(1);
+        }
+        match info.status.as_str() {
+            "completed" => break info,
+            "failed" | "cancelled" => bail!(
+                "source migration {}: {}; destination stderr: {}",
+                info.status,
+                info.error.as_deref().unwrap_or("(no error-desc)"),
+                crate::process::tail(&dest.stderr(), 2000)
+            ),
+            _ => {}
+        }
+        if !postcopy_requested && start.elapsed() >= sc.precopy_for {
+            vm.start_postcopy()?;
+            postcopy_requested = true;
+        }
+        if let Some(status) = dest.try_status()? {
+            if !status.success() {
+                bail!(
+                    "postcopy-dest exited early ({status}) while the source is `{}`: {}",
+                    info.status,
+                    crate::process::tail(&dest.stderr(), 2000)
+                );
+            }
+        }
+        if start.elapsed() > sc.timeout {
+            bail!(
+                "migration not completed after {:?}: source `{}` ({}); destination stderr: {}",
+                sc.timeout,
+                info.status,
+                info.raw,
+                crate::process::tail(&dest.stderr(), 2000)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    let outcome = dest.wait(Duration::from_secs(30))?;
+    let summary = outcome.expect_success()?.clone();
+    if sc.progress {
+        println!("{}", outcome.stdout.lines().last().unwrap_or_default());
+    }
+
+    let guest_status = vm.guest_status()?;
+    let want = vm.read_ram()?;
+    let block = sc.machine.ram_block();
+    let dump_path = dump_dir.join(dump_file_name(block));
+    let mut got = match std::fs::read(&dump_path) {
+        Ok(d) => d,
+        Err(e) => bail!(
+            "postcopy-dest did not dump {block} to {}: {e}",
+            dump_path.display()
+        ),
+    };
+    zero_holes(&mut got, sc.machine.ram_holes());
+    let ram_diff = diff_pages(&want, &got);
+    let _ = vm.quit();
+    Ok(Outcome {
+        summary,
+        source,
+        saw_postcopy_active,
+        guest: guest_status,
+        ram_diff,
+        ram_bytes: want.len(),
+        dest_stdout: outcome.stdout,
+    })
+}
