@@ -109,6 +109,8 @@ pub enum Defect {
         /// The state the destination was in.
         state: crate::postcopy::State,
     },
+    /// Differs from this destination's own (machine type, duplicate block).
+    Mismatch,
     /// A block name the destination does not have.
     UnknownBlock,
     /// A CONTINUE record with no previous block on this channel.
@@ -161,6 +163,7 @@ impl fmt::Display for Error {
                 "range [{start:#x}, +{len:#x}) is outside the block of {limit:#x} bytes"
             ),
             Defect::WrongState { state } => write!(f, "not allowed in postcopy state {state:?}"),
+            Defect::Mismatch => write!(f, "does not match this destination"),
             Defect::UnknownBlock => write!(f, "unknown RAMBlock"),
             Defect::NoPreviousBlock => write!(f, "CONTINUE with no previous block"),
             Defect::NoReturnPath => write!(f, "return path not open"),

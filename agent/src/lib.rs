@@ -14,5 +14,8 @@ pub mod config;
 pub mod error;
 pub mod postcopy;
 pub mod wire;
+pub mod decoder;
+pub mod layout;
+pub mod ports;
 
 pub use error::{Defect, Error, Field};

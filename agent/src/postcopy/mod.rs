@@ -1,5 +1,9 @@
-//! The postcopy state machine and the engine that drives it.
+//! The postcopy state machine, the state shared with the vCPUs, and the engine.
 
+mod engine;
+mod shared;
 mod state;
 
+pub use engine::{Engine, EngineConfig, Progress, Stats};
+pub use shared::{Fault, FaultCounters, FaultError, RpSender, Shared};
 pub use state::{State, StateCell};
