@@ -48,7 +48,7 @@ impl Scenario {
             guest_append: "rate=2048".into(),
             postcopy: true,
             max_bandwidth: Some(256 << 10),
-            max_postcopy_bandwidth: Some(512 << 10),
+            max_postcopy_bandwidth: Some(1 << 20),
             precopy_for: Duration::from_millis(1000),
             touch: Some("random".into()),
             record: None,
@@ -84,6 +84,8 @@ pub struct Outcome {
     pub ram_diff: Option<String>,
     /// Bytes of main RAM compared.
     pub ram_bytes: usize,
+    /// SHA-256 of the source's main RAM at the end (holes zeroed).
+    pub source_ram_sha256: String,
     /// The destination's stdout.
     pub dest_stdout: String,
 }
@@ -206,6 +208,7 @@ pub fn run(dest_bin: &Path, sc: &Scenario) -> Result<Outcome> {
         guest: guest_status,
         ram_diff,
         ram_bytes: want.len(),
+        source_ram_sha256: crate::ram::sha256_hex(&want),
         dest_stdout: outcome.stdout,
     })
 }

@@ -93,6 +93,12 @@ impl SourceVmBuilder {
         self
     }
 
+    /// Makes this VM a migration *destination*: `-incoming URI -S` (it stays paused when
+    /// the migration ends, also after postcopy, so its RAM can be compared).
+    pub fn incoming(self, uri: &str) -> Self {
+        self.arg("-incoming").arg(uri).arg("-S")
+    }
+
     /// Adds a raw QEMU argument.
     pub fn arg(mut self, arg: &str) -> Self {
         self.extra.push(arg.to_string());

@@ -1,0 +1,253 @@
+//! Interop with real QEMU 7.2 (TCG) as the migration source.
+//!
+//! The `postcopy-dest` tests follow the binary's contract: `--listen unix:PATH`,
+//! `--input FILE`, `--dump-dir DIR`, `--touch`, `--record FILE`, and a JSON summary on
+//! the last stdout line, exit 0 only after a completed migration.
+//!
+//! Tests that start QEMU run one at a time (the machine has 2 cores and the postcopy
+//! timing depends on the guest getting CPU time). A missing QEMU fails the tests.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use qemu_tests::dest::{Dest, DestOptions};
+use qemu_tests::guest::build_dirty_guest;
+use qemu_tests::ram::{diff_pages, sha256_hex, zero_holes};
+use qemu_tests::scenario::{dump_file_name, run, Outcome, Scenario};
+use qemu_tests::source::{Machine, SourceVm};
+
+const DEST: &str = env!("CARGO_BIN_EXE_postcopy-dest");
+
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn captures() -> PathBuf {
+    qemu_tests::workspace_root().join("agent/tests/captures")
+}
+
+fn run_ok(sc: &Scenario) -> Outcome {
+    match run(Path::new(DEST), sc) {
+        Ok(out) => out,
+        Err(e) => panic!("{} migration failed: {e}", sc.machine.as_str()),
+    }
+}
+
+fn assert_ram_equal(out: &Outcome, machine: Machine) {
+    if let Some(diff) = &out.ram_diff {
+        panic!(
+            "{} of postcopy-dest differs from the source's RAM: {diff}",
+            machine.ram_block()
+        );
+    }
+    assert!(out.ram_bytes > 0);
+}
+
+fn assert_postcopy(out: &Outcome, machine: Machine) {
+    assert_ram_equal(out, machine);
+    assert_eq!(out.source.status, "completed");
+    assert!(
+        out.saw_postcopy_active,
+        "the source never entered postcopy-active: the test did not exercise postcopy"
+    );
+    let s = &out.summary;
+    assert_eq!(s.state, "END", "summary: {s:?}");
+    assert!(s.discarded_pages > 0, "no discarded pages: {s:?}");
+    assert!(s.page_requests > 0, "no page requests: {s:?}");
+    assert!(s.pages_received > 0, "no pages: {s:?}");
+    assert!(s.bytes > 0, "no bytes: {s:?}");
+    assert!(
+        out.guest.pages_dirtied > 0,
+        "the guest dirtied nothing: {:?}",
+        out.guest
+    );
+}
+
+#[test]
+fn postcopy_pc_ram_matches_source() {
+    let _g = serial();
+    let out = run_ok(&Scenario::postcopy(Machine::Pc));
+    assert_postcopy(&out, Machine::Pc);
+}
+
+#[test]
+fn postcopy_q35_ram_matches_source() {
+    let _g = serial();
+    let out = run_ok(&Scenario::postcopy(Machine::Q35));
+    assert_postcopy(&out, Machine::Q35);
+}
+
+#[test]
+fn precopy_pc_ram_matches_source() {
+    let _g = serial();
+    let out = run_ok(&Scenario::precopy(Machine::Pc));
+    assert_ram_equal(&out, Machine::Pc);
+    assert_eq!(out.source.status, "completed");
+    assert!(!out.saw_postcopy_active);
+    assert!(out.summary.pages_received > 0, "{:?}", out.summary);
+    assert_eq!(out.summary.discarded_pages, 0, "{:?}", out.summary);
+    assert_eq!(out.summary.page_requests, 0, "{:?}", out.summary);
+}
+
+/// Replays `file` with `--input` and returns the dumped main block (holes zeroed) and the
+/// summary's byte count.
+fn replay(file: &Path, machine: Machine) -> (Vec<u8>, u64) {
+    let dump = tempfile::tempdir().expect("tempdir");
+    let opts = DestOptions {
+        input: Some(file.to_path_buf()),
+        dump_dir: Some(dump.path().to_path_buf()),
+        ..DestOptions::default()
+    };
+    let dest = Dest::spawn(Path::new(DEST), &opts).expect("start postcopy-dest");
+    let outcome = dest
+        .wait(Duration::from_secs(60))
+        .expect("wait postcopy-dest");
+    let summary = match outcome.expect_success() {
+        Ok(s) => s.clone(),
+        Err(e) => panic!("replay of {}: {e}", file.display()),
+    };
+    let path = dump.path().join(dump_file_name(machine.ram_block()));
+    let mut ram = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("no dump {} after replay: {e}", path.display()));
+    zero_holes(&mut ram, machine.ram_holes());
+    (ram, summary.bytes)
+}
+
+fn replay_capture(name: &str, machine: Machine) {
+    let file = captures().join(format!("{name}.bin"));
+    let want = std::fs::read_to_string(captures().join(format!("{name}.ram.sha256")))
+        .expect("capture hash file");
+    let (ram, bytes) = replay(&file, machine);
+    assert_eq!(ram.len(), 32 << 20, "{name}: dump size");
+    assert_eq!(sha256_hex(&ram), want.trim(), "{name}: RAM hash");
+    let len = std::fs::metadata(&file).expect("capture").len();
+    assert_eq!(bytes, len, "{name}: summary bytes vs capture size");
+}
+
+#[test]
+fn replay_none_precopy_capture() {
+    replay_capture("none-precopy", Machine::None);
+}
+
+#[test]
+fn replay_pc_precopy_dirty_capture() {
+    replay_capture("pc-precopy-dirty", Machine::Pc);
+}
+
+#[test]
+fn replay_q35_precopy_capture() {
+    replay_capture("q35-precopy", Machine::Q35);
+}
+
+/// `--record` during a real postcopy migration, then `--input` of the recording gives the
+/// same RAM.
+#[test]
+fn postcopy_recording_replays_to_same_ram() {
+    let _g = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rec = dir.path().join("postcopy.bin");
+    let mut sc = Scenario::postcopy(Machine::Pc);
+    sc.record = Some(rec.clone());
+    let out = run_ok(&sc);
+    assert_postcopy(&out, Machine::Pc);
+    let len = std::fs::metadata(&rec).expect("recording").len();
+    assert_eq!(len, out.summary.bytes, "recording size vs summary bytes");
+    let (ram, bytes) = replay(&rec, Machine::Pc);
+    assert_eq!(bytes, len);
+    assert_eq!(sha256_hex(&ram), out.source_ram_sha256, "replayed RAM");
+}
+
+/// Self-check of the harness and of the scenario's parameters, independent of
+/// postcopy-dest: the same postcopy choreography into QEMU's own destination
+/// (`-incoming ... -S`) really enters postcopy and gives equal RAM.
+#[test]
+fn reference_qemu_destination_postcopy() {
+    let _g = serial();
+    let guest = build_dirty_guest().expect("build dirty guest");
+    let sc = Scenario::postcopy(Machine::Pc);
+    let mut src = SourceVm::builder(sc.machine)
+        .mem_mib(sc.mem_mib)
+        .kernel(&guest, &sc.guest_append)
+        .spawn()
+        .expect("source");
+    let sock = src.dir().join("incoming.sock");
+    let uri = format!("unix:{}", sock.display());
+    let mut dst = SourceVm::builder(sc.machine)
+        .mem_mib(sc.mem_mib)
+        .kernel(&guest, &sc.guest_append)
+        .incoming(&uri)
+        .spawn()
+        .expect("QEMU destination");
+    src.wait_guest_dirtying(Duration::from_secs(30))
+        .expect("guest runs");
+    for vm in [&mut src, &mut dst] {
+        vm.set_capabilities(&[("postcopy-ram", true)])
+            .expect("caps");
+    }
+    src.set_max_bandwidth(sc.max_bandwidth.expect("bw"))
+        .expect("bw");
+    src.set_max_postcopy_bandwidth(sc.max_postcopy_bandwidth.expect("pbw"))
+        .expect("pbw");
+    let start = Instant::now();
+    src.migrate(&uri).expect("migrate");
+    std::thread::sleep(sc.precopy_for);
+    src.start_postcopy().expect("start postcopy");
+    let mut saw_postcopy = false;
+    loop {
+        let info = src.query_migrate().expect("query-migrate");
+        saw_postcopy |= info.status == "postcopy-active";
+        if info.status == "completed" {
+            break;
+        }
+        assert!(
+            !matches!(info.status.as_str(), "failed" | "cancelled"),
+            "source: {}",
+            info.raw
+        );
+        assert!(start.elapsed() < sc.timeout, "source: {}", info.raw);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(saw_postcopy, "the source never entered postcopy-active");
+    dst.wait_status(&["completed"], Duration::from_secs(30))
+        .expect("destination completes");
+    let want = src.read_ram().expect("source RAM");
+    let got = dst.read_ram().expect("destination RAM");
+    if let Some(diff) = diff_pages(&want, &got) {
+        panic!("QEMU destination RAM differs: {diff}");
+    }
+    assert!(src.guest_status().expect("status").pages_dirtied > 0);
+}
+
+#[test]
+fn dirty_guest_runs_and_dirties() {
+    let _g = serial();
+    let guest = build_dirty_guest().expect("build dirty guest");
+    let mut vm = SourceVm::builder(Machine::Pc)
+        .mem_mib(128)
+        .kernel(&guest, "rate=4096 span=8192")
+        .spawn()
+        .expect("start QEMU");
+    let a = vm
+        .wait_guest_dirtying(Duration::from_secs(30))
+        .expect("guest runs");
+    std::thread::sleep(Duration::from_millis(1000));
+    let b = vm.guest_status().expect("status");
+    // multiboot's mem_upper ends a little below the RAM size (QEMU keeps the top 128 KiB).
+    assert!((120 << 20..=128 << 20).contains(&a.ram_end), "{a:?}");
+    assert_eq!(a.region_start, 0x20_0000);
+    assert_eq!(a.region_end, 0x20_0000 + (8192 << 10));
+    assert_eq!(a.rate_kib, 4096);
+    assert!(b.heartbeat > a.heartbeat, "{a:?} {b:?}");
+    // 4 MiB/s is 1024 pages per second (generous bounds for TCG and a busy host).
+    let pages = b.pages_dirtied - a.pages_dirtied;
+    assert!((300..=2000).contains(&pages), "{pages} pages in ~1 s");
+    let ram = vm.read_ram().expect("RAM");
+    let region = &ram[0x20_0000..0x20_0000 + (8192 << 10)];
+    let touched = region
+        .chunks(4096)
+        .filter(|p| p.iter().any(|&b| b != 0))
+        .count();
+    assert!(touched >= 300, "{touched} non-zero pages in the region");
+}
