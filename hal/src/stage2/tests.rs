@@ -217,6 +217,34 @@ for_both_formats!(
 );
 
 for_both_formats!(
+    unmap_that_cannot_split_both_ends_changes_nothing,
+    fn run<F: Format>() {
+        // Root, PDPT, PD and one spare table: enough for one split, not the two needed.
+        let mut pages = slab(4);
+        let mut s2 = Stage2::<F>::new(FramePool::identity(&mut pages).unwrap()).unwrap();
+        for chunk in 0..3 {
+            let at = chunk * PAGE_2M;
+            s2.map_2m(Gpa(at), Hpa(at), Perms::RWX).unwrap().ignore();
+        }
+        let refused = s2.unmap_range(Gpa(MIB), 4 * MIB).map(Flush::ignore);
+        assert_eq!(
+            refused,
+            Err(Error::PoolExhausted {
+                needed: 2,
+                available: 1
+            })
+        );
+        for chunk in 0..3 {
+            let t = s2.translate(Gpa(chunk * PAGE_2M + MIB)).unwrap();
+            assert_eq!(
+                (t.hpa, t.size),
+                (Hpa(chunk * PAGE_2M + MIB), PageSize::Size2M)
+            );
+        }
+    }
+);
+
+for_both_formats!(
     map_2m_over_an_emptied_table_reuses_it,
     fn run<F: Format>() {
         let mut pages = slab(8);
@@ -289,3 +317,5 @@ fn dropping_a_token_panics_in_debug_builds() {
     let mut s2 = Stage2::<Ept>::new(FramePool::identity(&mut pages).unwrap()).unwrap();
     let _forgotten = s2.map_4k(Gpa(0), Hpa(0), Perms::RWX).unwrap();
 }
+
+mod model;
