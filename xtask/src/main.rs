@@ -1,1 +1,134 @@
-fn main() {}
+//! The project's task runner: `cargo xtask <command>`.
+//!
+//! * `test`: install prerequisites, then fmt, clippy, the bare-metal agent build and the
+//!   workspace tests (including the QEMU interop tests); prints a pass/fail summary.
+//! * `demo [ARGS]`: a live postcopy migration from QEMU into `postcopy-dest`, with
+//!   progress and a RAM check (`qemu-harness demo --help` style arguments).
+//! * `capture [--machine pc] [--mem 320M] [--out FILE] [ARGS]`: record a large precopy
+//!   stream of a guest whose RAM is filled with non-zero data (for benchmarks).
+//!
+//! Std only. Every child inherits `CARGO_TARGET_DIR`.
+
+mod prereq;
+mod steps;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or(&[]);
+    let ok = match args.first().map(String::as_str) {
+        Some("test") => steps::test(),
+        Some("demo") => harness("demo", rest.to_vec()),
+        Some("capture") => harness("capture", capture_args(rest)),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask test | demo [--machine pc|q35] [--mem 64M] [--precopy] \
+                 [--touch random|seq] [--record FILE] | capture [--machine pc] [--mem 320M] [--out FILE]"
+            );
+            false
+        }
+    };
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// Cargo's target directory.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => root().join(d),
+        _ => root().join("target"),
+    }
+}
+
+/// `cargo` (the one running us, if known).
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+/// Runs `cmd`, echoing it; true on exit status 0.
+pub fn run(mut cmd: Command) -> bool {
+    let shown: Vec<String> = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    println!("$ {}", shown.join(" "));
+    match cmd.status() {
+        Ok(s) if s.success() => true,
+        Ok(s) => {
+            eprintln!("xtask: `{}` failed: {s}", shown.join(" "));
+            false
+        }
+        Err(e) => {
+            eprintln!("xtask: cannot run `{}`: {e}", shown.join(" "));
+            false
+        }
+    }
+}
+
+/// Builds the qemu-tests binaries, then runs `qemu-harness <sub> ARGS`.
+fn harness(sub: &str, args: Vec<String>) -> bool {
+    if !prereq::qemu() || !prereq::objcopy() {
+        return false;
+    }
+    let mut build = cargo();
+    build.args(["build", "-p", "qemu-tests", "--bins"]);
+    if !run(build) {
+        return false;
+    }
+    let mut cmd = Command::new(target_dir().join("debug/qemu-harness"));
+    cmd.current_dir(root()).arg(sub).args(args);
+    run(cmd)
+}
+
+/// `capture` defaults: pc, 320 MiB, the guest fills RAM first, no bandwidth limit,
+/// output in `<target>/captures/`.
+fn capture_args(user: &[String]) -> Vec<String> {
+    let has = |flag: &str| user.iter().any(|a| a == flag);
+    let get = |flag: &str| {
+        user.iter()
+            .position(|a| a == flag)
+            .and_then(|i| user.get(i + 1))
+            .cloned()
+    };
+    let mut args = user.to_vec();
+    let machine = get("--machine").unwrap_or_else(|| "pc".into());
+    let mem = get("--mem").unwrap_or_else(|| "320M".into());
+    if !has("--machine") {
+        args.extend(["--machine".into(), machine.clone()]);
+    }
+    if !has("--mem") {
+        args.extend(["--mem".into(), mem.clone()]);
+    }
+    if !has("--out") {
+        let dir = target_dir().join("captures");
+        let _ = std::fs::create_dir_all(&dir);
+        let out = dir.join(format!("{machine}-{mem}-precopy.bin"));
+        args.extend(["--out".into(), out.display().to_string()]);
+    }
+    if !has("--fill") && !has("--no-guest") {
+        args.push("--fill".into());
+    }
+    if !has("--max-bandwidth") {
+        args.extend(["--max-bandwidth".into(), (4u64 << 30).to_string()]);
+    }
+    if !has("--dirty-for") {
+        args.extend(["--dirty-for".into(), "1".into()]);
+    }
+    if !has("--timeout") {
+        args.extend(["--timeout".into(), "600".into()]);
+    }
+    args
+}

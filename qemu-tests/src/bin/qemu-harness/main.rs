@@ -125,7 +125,10 @@ fn capture(args: &[String]) -> Result<()> {
     }
     let cap = capture_precopy(&spec, &out)?;
     check_precopy_stream(&std::fs::read(&cap.path)?)?;
+    let hash_file = cap.path.with_extension("ram.sha256");
+    std::fs::write(&hash_file, format!("{}\n", cap.ram_sha256))?;
     println!("capture:      {}", cap.path.display());
+    println!("ram hash in:  {}", hash_file.display());
     println!("bytes:        {}", cap.bytes);
     println!("ram sha256:   {}", cap.ram_sha256);
     println!("command line: {}", cap.command_line.join(" "));

@@ -1,0 +1,112 @@
+//! `cargo xtask test`: the checks, in order, with a summary. Every step runs even if an
+//! earlier one failed, so one report shows everything; the exit status is non-zero if
+//! any step failed.
+//!
+//! To add a step, add a line to [`steps`].
+
+use std::process::Command;
+use std::time::Instant;
+
+use crate::{cargo, prereq, root, run};
+
+/// One check.
+enum Step {
+    /// A function returning pass/fail.
+    Check(fn() -> bool),
+    /// A cargo command (arguments after `cargo`) with extra environment variables.
+    Cargo(
+        &'static [&'static str],
+        &'static [(&'static str, &'static str)],
+    ),
+}
+
+/// The steps: (name, step, run only if this path exists in the workspace).
+fn steps() -> Vec<(&'static str, Step, Option<&'static str>)> {
+    vec![
+        ("prerequisite: QEMU 7.2", Step::Check(prereq::qemu), None),
+        ("prerequisite: objcopy", Step::Check(prereq::objcopy), None),
+        (
+            "prerequisite: x86_64-unknown-none",
+            Step::Check(prereq::bare_metal_target),
+            None,
+        ),
+        ("fmt", Step::Cargo(&["fmt", "--all", "--check"], &[]), None),
+        (
+            "clippy",
+            Step::Cargo(
+                &[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+                &[],
+            ),
+            None,
+        ),
+        (
+            "agent for x86_64-unknown-none",
+            Step::Cargo(
+                &["build", "-p", "agent", "--target", "x86_64-unknown-none"],
+                &[],
+            ),
+            None,
+        ),
+        (
+            "tests (workspace, with QEMU interop)",
+            Step::Cargo(&["test", "--workspace"], &[]),
+            None,
+        ),
+        (
+            "fuzz targets compile",
+            Step::Cargo(&["check", "--manifest-path", "fuzz/Cargo.toml"], &[]),
+            Some("fuzz/Cargo.toml"),
+        ),
+    ]
+}
+
+/// Runs every step and prints the summary; true if all passed.
+pub fn test() -> bool {
+    let mut results = Vec::new();
+    for (name, step, needs) in steps() {
+        if needs.is_some_and(|p| !root().join(p).exists()) {
+            results.push((name, None, 0.0));
+            continue;
+        }
+        println!("\n=== {name}");
+        let start = Instant::now();
+        let ok = match step {
+            Step::Check(f) => f(),
+            Step::Cargo(args, env) => {
+                let mut cmd: Command = cargo();
+                cmd.args(args).envs(env.iter().copied());
+                run(cmd)
+            }
+        };
+        results.push((name, Some(ok), start.elapsed().as_secs_f64()));
+    }
+    println!("\n=== summary");
+    let mut all = true;
+    for (name, ok, secs) in &results {
+        let verdict = match ok {
+            Some(true) => "PASS",
+            Some(false) => {
+                all = false;
+                "FAIL"
+            }
+            None => "skip (not present)",
+        };
+        println!("{verdict:<20} {name} ({secs:.1} s)");
+    }
+    println!(
+        "{}",
+        if all {
+            "all steps passed"
+        } else {
+            "SOME STEPS FAILED"
+        }
+    );
+    all
+}
