@@ -2,7 +2,7 @@
 //!
 //! - AMD: [`NextVmrunFlush`] records a TLB_CONTROL request that the VMRUN path writes into the
 //!   VMCB (APM Vol. 2 §15.16.1). Plain Rust: the flush happens as part of VMRUN.
-//! - Intel: [`Invept`] executes INVEPT (SDM Vol. 3C §29.4.3.1; instruction reference in Vol. 2)
+//! - Intel: `Invept` executes INVEPT (SDM Vol. 3C §29.4.3.1; instruction reference in Vol. 2)
 //!   on the current logical processor. Only built for the image (`target_os = "none"`).
 //!
 //! Both act on one CPU. A guest with several vCPUs needs one per vCPU and an `Invalidate`

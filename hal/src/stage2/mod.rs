@@ -11,6 +11,35 @@
 //! walker is monomorphized per vendor; nothing is `dyn`, and all of it is plain Rust over
 //! memory that the host tests exercise exactly as the image runs it.
 //!
+//! ```
+//! use hal::stage2::{Ept, FramePool, Gpa, Hpa, Invalidate, Perms, Scope, Stage2, TablePage};
+//!
+//! /// Stands in for `invalidate::Invept`, which only exists in the image.
+//! #[derive(Default)]
+//! struct Invept(usize);
+//! impl Invalidate<Ept> for Invept {
+//!     fn invalidate(&mut self, _scope: Scope) {
+//!         self.0 += 1;
+//!     }
+//! }
+//! let mut invept = Invept::default();
+//!
+//! let mut slab: Vec<TablePage> = (0..8).map(|_| TablePage::new()).collect();
+//! let mut ept = Stage2::<Ept>::new(FramePool::identity(&mut slab)?)?;
+//!
+//! // A page arrived and was copied into its frame: map it. Needs no invalidation.
+//! ept.map_4k(Gpa(0x7000), Hpa(0x20_0000), Perms::RWX)?.flush(&mut invept);
+//! assert_eq!(invept.0, 0);
+//!
+//! // A discard command with two ranges: one INVEPT for both.
+//! let flush = ept.unmap_range(Gpa(0x0), 0x4000)?;
+//! let flush = flush.merge(ept.unmap_range(Gpa(0x6000), 0x2000)?);
+//! flush.flush(&mut invept);
+//! assert_eq!(invept.0, 1);
+//! assert_eq!(ept.translate(Gpa(0x7000)), None);
+//! # Ok::<(), hal::stage2::Error>(())
+//! ```
+//!
 //! # Why flush tokens
 //! Processors cache translations derived from present entries (TLBs and paging-structure
 //! caches: SDM Vol. 3C §29.4, APM Vol. 2 §15.16). After a present entry is cleared or changed,

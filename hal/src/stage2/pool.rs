@@ -1,7 +1,7 @@
 //! The fixed supply of table pages a [`Stage2`](super::Stage2) is built from.
 
 use super::error::Error;
-use super::{Hpa, HPA_LIMIT, PAGE_4K};
+use super::{Gpa, Hpa, HPA_LIMIT, PAGE_4K};
 use core::mem::{align_of, size_of};
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -99,6 +99,26 @@ impl<'a> FramePool<'a> {
     pub fn identity(pages: &'a mut [TablePage]) -> Result<Self, Error> {
         let base = pages.as_ptr() as u64;
         Self::new(pages, Hpa(base))
+    }
+
+    /// Tables, root included, that mapping all of `[gpa, gpa + len)` with 4 KiB pages takes:
+    /// one page table per 2 MiB, one directory per 1 GiB, one pointer table per 512 GiB.
+    ///
+    /// Size the slab with this for the guest's RAM ranges (summing over ranges over-counts
+    /// shared tables, which is safe). Since tables are never freed and postcopy ends with all
+    /// of RAM mapped, that is also all a guest ever uses.
+    pub const fn tables_to_map(gpa: Gpa, len: u64) -> usize {
+        if len == 0 {
+            return 1;
+        }
+        let (first, last) = (gpa.0, gpa.0 + (len - 1));
+        let mut tables = 1;
+        let mut shift = 21;
+        while shift <= 39 {
+            tables += ((last >> shift) - (first >> shift) + 1) as usize;
+            shift += 9;
+        }
+        tables
     }
 
     /// Pages in the slab.

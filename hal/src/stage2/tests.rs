@@ -266,6 +266,26 @@ for_both_formats!(
     }
 );
 
+for_both_formats!(
+    tables_to_map_is_exact_for_4k_mappings,
+    fn run<F: Format>() {
+        // 6 MiB straddling the 512 GiB boundary: 2 PDPTs, 2 PDs, 3 PTs, and the root.
+        let (start, len) = ((1 << 39) - 2 * MIB, 6 * MIB);
+        let needed = FramePool::tables_to_map(Gpa(start), len);
+        assert_eq!(needed, 8);
+        let mut pages = slab(needed);
+        let mut s2 = Stage2::<F>::new(FramePool::identity(&mut pages).unwrap()).unwrap();
+        for gpa in (start..start + len).step_by(PAGE_4K as usize) {
+            s2.map_4k(Gpa(gpa), Hpa(gpa % GIB), Perms::RWX)
+                .unwrap()
+                .ignore();
+        }
+        assert_eq!(s2.pool().available(), 0);
+        assert_eq!(FramePool::tables_to_map(Gpa(0), 0), 1);
+        assert_eq!(FramePool::tables_to_map(Gpa(0), 4 * GIB), 1 + 1 + 4 + 2048);
+    }
+);
+
 #[test]
 fn root_pointers_point_at_the_first_pool_page() {
     let mut pages = slab(1);
