@@ -158,15 +158,17 @@ impl<'a, F: Format> Stage2<'a, F> {
         if len == 0 {
             return Ok(Flush::nothing());
         }
+        // Only the first and last 2 MiB regions can be partly covered.
+        let (head, tail) = (align_down(start, PAGE_2M), align_down(end - 1, PAGE_2M));
         let mut splits = 0;
-        for chunk in [align_down(start, PAGE_2M), align_down(end - 1, PAGE_2M)] {
+        for chunk in [Some(head), (tail != head).then_some(tail)]
+            .into_iter()
+            .flatten()
+        {
             let covered = start <= chunk && chunk + PAGE_2M <= end;
             if !covered && self.leaf_2m_at(chunk)?.is_some() {
                 splits += 1;
             }
-        }
-        if align_down(start, PAGE_2M) == align_down(end - 1, PAGE_2M) {
-            splits = splits.min(1);
         }
         self.pool.reserve(splits)?;
 
