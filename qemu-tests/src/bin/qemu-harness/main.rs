@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! qemu-harness capture --machine pc --mem 320M --out FILE [--guest ARGS] [--fill]
-//!                      [--no-vga] [--max-bandwidth BYTES_PER_S] [--dirty-for SECS]
+//!                      [--no-vga] [--no-guest] [--exec-cat] [--max-bandwidth BYTES_PER_S]
+//!                      [--dirty-for SECS] [--timeout SECS]
 //! qemu-harness demo [--machine pc|q35] [--mem 64M] [--dest PATH]
 //! ```
 
@@ -89,7 +90,7 @@ fn capture(args: &[String]) -> Result<()> {
             "--dirty-for",
             "--timeout",
         ],
-        &["--fill", "--no-vga", "--no-guest"],
+        &["--fill", "--no-vga", "--no-guest", "--exec-cat"],
     )?;
     let machine = Machine::parse(flags.get("--machine").unwrap_or("pc"))?;
     let mem = parse_mib(flags.get("--mem").unwrap_or("320M"))?;
@@ -98,6 +99,7 @@ fn capture(args: &[String]) -> Result<()> {
     };
     let mut spec = CaptureSpec::new(machine, mem);
     spec.vga = !flags.has("--no-vga");
+    spec.exec_cat = flags.has("--exec-cat");
     if machine != Machine::None && !flags.has("--no-guest") {
         let mut append = flags.get("--guest").unwrap_or("rate=2048").to_string();
         if flags.has("--fill") {
