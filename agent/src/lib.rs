@@ -17,5 +17,7 @@ pub mod wire;
 pub mod decoder;
 pub mod layout;
 pub mod ports;
+#[cfg(any(test, feature = "std"))]
+pub mod testing;
 
 pub use error::{Defect, Error, Field};

@@ -1,1 +1,284 @@
-fn main() {}
+//! `postcopy-dest`: the agent as a hosted postcopy migration destination.
+//!
+//! ```text
+//! postcopy-dest (--listen unix:PATH | --listen tcp:HOST:PORT | --input FILE)
+//!               [--dump-dir DIR] [--touch random|seq] [--vcpus N] [--record FILE]
+//!               [--dialect qemu72|v5] [--machine NAME] [--seed N]
+//! ```
+//!
+//! It accepts one connection from a QEMU source (the return path is the same connection) or
+//! replays a recorded stream, runs the agent's engine over host memory, and after RUN lets
+//! simulated vCPUs touch pages that have not arrived, so page requests really happen. The
+//! last stdout line is a JSON summary; the exit status is 0 only for a completed migration.
+
+mod ports;
+mod vcpu;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use agent::postcopy::{Engine, EngineConfig, Shared, Stats};
+use agent::wire::command::Dialect;
+
+use ports::{HostPorts, SocketReturnPath, SoftStage2};
+use vcpu::{Touch, VcpuReport};
+
+/// Bytes of the receive ring (the hypervisor's vsock RX buffers play this role).
+const RING: usize = 256 << 10;
+/// Guest RAM the page bitmaps cover.
+const MAX_GUEST_RAM: u64 = 64 << 30;
+
+#[derive(Debug)]
+enum Source {
+    Unix(PathBuf),
+    Tcp(String),
+    File(PathBuf),
+}
+
+#[derive(Debug)]
+struct Args {
+    source: Source,
+    dump_dir: Option<PathBuf>,
+    record: Option<PathBuf>,
+    touch: Touch,
+    vcpus: usize,
+    dialect: Dialect,
+    machine: Option<String>,
+    seed: u64,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut source = None;
+    let mut args = Args {
+        source: Source::File(PathBuf::new()),
+        dump_dir: None,
+        record: None,
+        touch: Touch::Random,
+        vcpus: 1,
+        dialect: Dialect::Qemu72,
+        machine: None,
+        seed: 1,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--listen" => {
+                let v = value()?;
+                source = Some(if let Some(p) = v.strip_prefix("unix:") {
+                    Source::Unix(p.into())
+                } else if let Some(a) = v.strip_prefix("tcp:") {
+                    Source::Tcp(a.to_string())
+                } else {
+                    return Err(format!("--listen {v}: expected unix:PATH or tcp:HOST:PORT"));
+                });
+            }
+            "--input" => source = Some(Source::File(value()?.into())),
+            "--dump-dir" => args.dump_dir = Some(value()?.into()),
+            "--record" => args.record = Some(value()?.into()),
+            "--touch" => {
+                args.touch = match value()?.as_str() {
+                    "random" => Touch::Random,
+                    "seq" => Touch::Seq,
+                    other => return Err(format!("--touch {other}: expected random or seq")),
+                }
+            }
+            "--vcpus" => {
+                args.vcpus = value()?.parse().ok().filter(|&n| (1..=64).contains(&n)).ok_or("--vcpus: 1..=64")?
+            }
+            "--dialect" => {
+                args.dialect = match value()?.as_str() {
+                    "qemu72" => Dialect::Qemu72,
+                    "v5" => Dialect::SeedV5,
+                    other => return Err(format!("--dialect {other}: expected qemu72 or v5")),
+                }
+            }
+            "--machine" => args.machine = Some(value()?),
+            "--seed" => args.seed = value()?.parse().map_err(|_| "--seed: a number")?,
+            "-h" | "--help" => {
+                println!("{}", USAGE);
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other}\n{USAGE}")),
+        }
+    }
+    args.source = source.ok_or(format!("one of --listen or --input is required\n{USAGE}"))?;
+    Ok(args)
+}
+
+const USAGE: &str = "usage: postcopy-dest (--listen unix:PATH | --listen tcp:HOST:PORT | --input FILE) \
+[--dump-dir DIR] [--touch random|seq] [--vcpus N] [--record FILE] [--dialect qemu72|v5] [--machine NAME] [--seed N]";
+
+/// The byte source and, for a connection, its write half for the return path.
+type Connection = (Box<dyn Read + Send>, Option<Box<dyn Write + Send>>);
+
+fn connect(source: &Source) -> Result<Connection, String> {
+    match source {
+        Source::Unix(path) => {
+            let _ = std::fs::remove_file(path);
+            let listener = UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))?;
+            let (stream, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+            let rp = stream.try_clone().map_err(|e| format!("clone socket: {e}"))?;
+            Ok((Box::new(stream), Some(Box::new(rp))))
+        }
+        Source::Tcp(addr) => {
+            let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+            let (stream, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+            stream.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
+            let rp = stream.try_clone().map_err(|e| format!("clone socket: {e}"))?;
+            Ok((Box::new(stream), Some(Box::new(rp))))
+        }
+        Source::File(path) => {
+            let file = File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+            Ok((Box::new(std::io::BufReader::with_capacity(1 << 20, file)), None))
+        }
+    }
+}
+
+struct Outcome {
+    stats: Stats,
+    state: &'static str,
+    faults: u64,
+    requests: u64,
+    vcpus: Vec<VcpuReport>,
+}
+
+fn run(args: &Args) -> Result<Outcome, String> {
+    let (mut input, rp) = connect(&args.source)?;
+    let mut record = match &args.record {
+        Some(p) => Some(File::create(p).map_err(|e| format!("create {}: {e}", p.display()))?),
+        None => None,
+    };
+    let received = page_bitmap(MAX_GUEST_RAM);
+    let requested = page_bitmap(MAX_GUEST_RAM);
+    let shared = Shared::new(&received, &requested, SocketReturnPath(rp));
+    let stage2 = SoftStage2::default();
+    let config = EngineConfig { dialect: args.dialect, machine: args.machine.as_deref().map(str::as_bytes) };
+    let mut engine = Engine::new(&shared, HostPorts::new(&stage2), config);
+    let stop = AtomicBool::new(false);
+
+    let (result, vcpus) = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..args.vcpus)
+            .map(|i| {
+                let (shared, stage2, stop) = (&shared, &stage2, &stop);
+                let seed = args.seed.wrapping_add(i as u64 * 0x9e37_79b9);
+                s.spawn(move || vcpu::run(shared, stage2, args.touch, seed, stop))
+            })
+            .collect();
+        let result = receive(&mut engine, &mut input, record.as_mut());
+        stop.store(true, Ordering::Release);
+        let vcpus: Result<Vec<_>, String> =
+            handles.into_iter().map(|h| h.join().map_err(|_| "a vCPU thread panicked".to_string())?).collect();
+        (result, vcpus)
+    });
+    result?;
+    let vcpus = vcpus?;
+    if let Some(dir) = &args.dump_dir {
+        let ports = engine.ports();
+        dump(dir, &ports.blocks, &ports.device_state)?;
+    }
+    Ok(Outcome {
+        stats: engine.stats(),
+        state: shared.state.get().name(),
+        faults: shared.counters.faults.load(Ordering::Relaxed),
+        requests: shared.counters.requests.load(Ordering::Relaxed),
+        vcpus,
+    })
+}
+
+/// One bit per 4 KiB page of `bytes` of guest RAM.
+fn page_bitmap(bytes: u64) -> Vec<AtomicU64> {
+    (0..bytes / (64 * 4096)).map(|_| AtomicU64::new(0)).collect()
+}
+
+/// Reads the stream into the ring and feeds the engine until the migration completes.
+fn receive<R: agent::ports::ReturnPath>(
+    engine: &mut Engine<'_, '_, '_, R, HostPorts<'_>>,
+    input: &mut dyn Read,
+    mut record: Option<&mut File>,
+) -> Result<(), String> {
+    let mut ring = vec![0u8; RING];
+    let (mut head, mut len) = (0usize, 0usize);
+    loop {
+        // Read into the free space up to the ring's end (or up to the head, after a wrap).
+        let tail = (head + len) % RING;
+        let free_end = if tail >= head && len < RING { RING } else { head };
+        let n = if len == RING {
+            0
+        } else {
+            match input.read(&mut ring[tail..free_end]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("reading the stream: {e}")),
+            }
+        };
+        if let Some(f) = record.as_mut() {
+            f.write_all(&ring[tail..tail + n]).map_err(|e| format!("--record: {e}"))?;
+        }
+        len += n;
+        let first_len = len.min(RING - head);
+        let progress = engine
+            .receive(&ring[head..head + first_len], &ring[..len - first_len])
+            .map_err(|e| e.to_string())?;
+        head = (head + progress.consumed) % RING;
+        len -= progress.consumed;
+        if progress.finished {
+            return Ok(());
+        }
+        if n == 0 && progress.consumed == 0 {
+            engine.end_of_input().map_err(|e| e.to_string())?;
+            return Ok(());
+        }
+    }
+}
+
+fn dump(dir: &PathBuf, blocks: &[(Vec<u8>, Vec<u8>)], device_state: &[u8]) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    for (name, data) in blocks {
+        let file = String::from_utf8_lossy(name).replace('/', "_") + ".bin";
+        let path = dir.join(file);
+        std::fs::write(&path, data).map_err(|e| format!("write {}: {e}", path.display()))?;
+    }
+    let path = dir.join("device-state.bin");
+    std::fs::write(&path, device_state).map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+fn main() {
+    let started = Instant::now();
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("postcopy-dest: {e}");
+            std::process::exit(2);
+        }
+    };
+    match run(&args) {
+        Ok(o) => {
+            let s = o.stats;
+            let waits: u64 = o.vcpus.iter().map(|v| v.waits).sum();
+            let summary = serde_json::json!({
+                "state": o.state,
+                "pages_received": s.pages + s.zero_pages,
+                "zero_pages": s.zero_pages,
+                "discarded_pages": s.discarded_pages,
+                "duplicate_pages": s.duplicate_pages,
+                "page_requests": o.requests,
+                "faults": o.faults,
+                "vcpu_waits": waits,
+                "device_state_bytes": s.device_state_bytes,
+                "bytes": s.bytes,
+                "seconds": started.elapsed().as_secs_f64(),
+            });
+            println!("{summary}");
+        }
+        Err(e) => {
+            eprintln!("postcopy-dest: {e}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Strict fakes and stream builders for host tests, fuzzing and benchmarks (feature `std`).
+//!
+//! The agent itself never allocates; these helpers do, and exist only on the host.
+//! The fakes are strict: guest memory rejects writes outside a block, the stage-2 fake fails
+//! if an unmap is left without a flush, the ring splits records wherever it is told to.
+
+extern crate std;
+
+use core::sync::atomic::AtomicU64;
+use std::collections::BTreeMap;
+use std::vec::Vec;
+
+use crate::config::TARGET_PAGE_SIZE;
+use crate::ports::{DeviceStateSink, GuestMemory, PageWaiters, ReturnPath, Stage2};
+use crate::postcopy::{Engine, EngineConfig, Progress, Shared};
+use crate::wire::command::{Advise, Command, Dialect};
+use crate::wire::discard::{DiscardHeader, DiscardMask, DiscardRange};
+use crate::wire::header::{Configuration, StreamHeader};
+use crate::wire::ram::{BlockEntry, RamRecord};
+use crate::wire::section::{FullHeader, ShortHeader};
+use crate::wire::{SectionType, Writer};
+use crate::Error;
+
+/// Guest RAM as one `Vec` per block; a write outside a block panics (fails the test).
+#[derive(Debug, Default)]
+pub struct VecMemory {
+    /// (name, contents) per block, in declaration order.
+    pub blocks: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl GuestMemory for VecMemory {
+    fn declare_block(&mut self, index: usize, name: &[u8], len: u64) -> Result<(), ()> {
+        assert_eq!(index, self.blocks.len(), "blocks are declared in order");
+        self.blocks.push((name.to_vec(), std::vec![0; len as usize]));
+        Ok(())
+    }
+
+    fn write(&mut self, block: usize, offset: u64, data: &[u8]) {
+        let mem = &mut self.blocks[block].1;
+        let at = offset as usize;
+        assert!(at + data.len() <= mem.len(), "write outside block {block}: {offset:#x}+{}", data.len());
+        assert_eq!(offset / TARGET_PAGE_SIZE, (offset + data.len() as u64 - 1) / TARGET_PAGE_SIZE, "write crosses a page");
+        mem[at..at + data.len()].copy_from_slice(data);
+    }
+
+    fn fill(&mut self, block: usize, offset: u64, len: u64, byte: u8) {
+        let mem = &mut self.blocks[block].1;
+        let (at, len) = (offset as usize, len as usize);
+        assert!(at + len <= mem.len(), "fill outside block {block}");
+        mem[at..at + len].fill(byte);
+    }
+}
+
+/// A page-granular stage-2 map that counts flushes and refuses an unflushed unmap at the end.
+#[derive(Debug, Default)]
+pub struct PageMap {
+    /// Mapped guest-physical pages → (block, offset).
+    pub mapped: BTreeMap<u64, (usize, u64)>,
+    /// Unmaps not yet flushed.
+    pub unflushed: u64,
+    /// Flushes done.
+    pub flushes: u64,
+}
+
+impl Stage2 for PageMap {
+    fn map(&mut self, gpa: u64, block: usize, offset: u64) {
+        assert_eq!(gpa % TARGET_PAGE_SIZE, 0);
+        self.mapped.insert(gpa, (block, offset));
+    }
+
+    fn unmap(&mut self, gpa: u64, len: u64) {
+        let pages: Vec<u64> = self.mapped.range(gpa..gpa + len).map(|(&g, _)| g).collect();
+        for g in pages {
+            self.mapped.remove(&g);
+        }
+        self.unflushed += 1;
+    }
+
+    fn flush(&mut self) {
+        self.unflushed = 0;
+        self.flushes += 1;
+    }
+}
+
+/// All stream-context ports, recording what they were asked to do.
+#[derive(Debug, Default)]
+pub struct FakePorts {
+    /// Guest RAM.
+    pub memory: VecMemory,
+    /// Stage-2 map.
+    pub stage2: PageMap,
+    /// Device state, concatenated.
+    pub device_state: Vec<u8>,
+    /// Pages whose waiters were released.
+    pub released: Vec<(usize, u64)>,
+}
+
+impl GuestMemory for FakePorts {
+    fn declare_block(&mut self, index: usize, name: &[u8], len: u64) -> Result<(), ()> {
+        self.memory.declare_block(index, name, len)
+    }
+    fn write(&mut self, block: usize, offset: u64, data: &[u8]) {
+        self.memory.write(block, offset, data);
+    }
+    fn fill(&mut self, block: usize, offset: u64, len: u64, byte: u8) {
+        self.memory.fill(block, offset, len, byte);
+    }
+}
+
+impl Stage2 for FakePorts {
+    fn map(&mut self, gpa: u64, block: usize, offset: u64) {
+        self.stage2.map(gpa, block, offset);
+    }
+    fn unmap(&mut self, gpa: u64, len: u64) {
+        self.stage2.unmap(gpa, len);
+    }
+    fn flush(&mut self) {
+        self.stage2.flush();
+    }
+}
+
+impl DeviceStateSink for FakePorts {
+    fn device_state(&mut self, bytes: &[u8]) {
+        self.device_state.extend_from_slice(bytes);
+    }
+}
+
+impl PageWaiters for FakePorts {
+    fn release(&mut self, block: usize, offset: u64) {
+        self.released.push((block, offset));
+    }
+}
+
+/// A return path that records every message.
+#[derive(Debug, Default)]
+pub struct VecReturnPath {
+    /// Messages, in order.
+    pub sent: Vec<Vec<u8>>,
+}
+
+impl ReturnPath for VecReturnPath {
+    fn send(&mut self, message: &[u8]) -> Result<(), ()> {
+        self.sent.push(message.to_vec());
+        Ok(())
+    }
+}
+
+/// Zeroed page bitmaps for `bytes` of guest RAM.
+pub fn bitmap(bytes: u64) -> Vec<AtomicU64> {
+    (0..bytes.div_ceil(64 * TARGET_PAGE_SIZE)).map(|_| AtomicU64::new(0)).collect()
+}
+
+/// Feeds `stream` to `engine` through a ring of `capacity` bytes, writing at most `chunk`
+/// bytes per arrival, so records split at every ring wrap and partial arrival.
+pub fn feed_through_ring<R: ReturnPath>(
+    engine: &mut Engine<'_, '_, '_, R, FakePorts>,
+    stream: &[u8],
+    capacity: usize,
+    chunk: usize,
+) -> Result<Progress, Error> {
+    let mut ring = std::vec![0u8; capacity];
+    let (mut head, mut len, mut written) = (0usize, 0usize, 0usize);
+    loop {
+        // Arrival: copy up to `chunk` bytes into the free space, wrapping.
+        let n = chunk.min(capacity - len).min(stream.len() - written);
+        for i in 0..n {
+            ring[(head + len + i) % capacity] = stream[written + i];
+        }
+        len += n;
+        written += n;
+        let first_len = len.min(capacity - head);
+        let (first, second) = (&ring[head..head + first_len], &ring[..len - first_len]);
+        let progress = engine.receive(first, second)?;
+        head = (head + progress.consumed) % capacity;
+        len -= progress.consumed;
+        if progress.finished {
+            return Ok(progress);
+        }
+        if written == stream.len() && progress.consumed == 0 && n == 0 {
+            return engine.end_of_input();
+        }
+    }
+}
+
+/// Runs a whole stream through a fresh engine with fakes; returns the engine's pieces.
+pub fn run_stream(stream: &[u8], capacity: usize, chunk: usize) -> Outcome {
+    let received = bitmap(8 << 30);
+    let requested = bitmap(8 << 30);
+    let shared = Shared::new(&received, &requested, VecReturnPath::default());
+    let mut engine = Engine::new(&shared, FakePorts::default(), EngineConfig::default());
+    let result = feed_through_ring(&mut engine, stream, capacity, chunk);
+    let stats = engine.stats();
+    let ports = core::mem::take(engine.ports());
+    let state = shared.state.get();
+    drop(engine);
+    let rp = shared.with_rp(|rp| core::mem::take(&mut rp.port().sent));
+    Outcome { result, stats, ports, rp, state }
+}
+
+/// What [`run_stream`] observed.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The engine's final result.
+    pub result: Result<Progress, Error>,
+    /// Counters.
+    pub stats: crate::postcopy::Stats,
+    /// Ports with what they recorded.
+    pub ports: FakePorts,
+    /// Return-path messages.
+    pub rp: Vec<Vec<u8>>,
+    /// Final postcopy state.
+    pub state: crate::postcopy::State,
+}
+
+/// Builds migration streams record by record.
+#[derive(Debug, Default, Clone)]
+pub struct StreamBuilder {
+    /// The bytes so far.
+    pub bytes: Vec<u8>,
+    /// Dialect of the commands.
+    pub dialect: Dialect,
+}
+
+impl StreamBuilder {
+    /// An empty builder (no header: use it for a PACKAGED blob too).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn put(&mut self, f: impl FnOnce(&mut Writer<'_>) -> Option<()>) -> &mut Self {
+        let mut buf = [0u8; 1024];
+        let mut w = Writer::new(&mut buf);
+        f(&mut w).expect("record fits");
+        let n = w.len();
+        self.bytes.extend_from_slice(&buf[..n]);
+        self
+    }
+
+    /// Stream header.
+    pub fn header(&mut self) -> &mut Self {
+        self.put(StreamHeader::emit)
+    }
+
+    /// CONFIGURATION.
+    pub fn configuration(&mut self, machine: &[u8]) -> &mut Self {
+        self.put(|w| Configuration { machine }.emit(w))
+    }
+
+    /// A command (for RAM_DISCARD use [`Self::discard`], for PACKAGED [`Self::packaged`]).
+    pub fn command(&mut self, cmd: Command<'_>) -> &mut Self {
+        let d = self.dialect;
+        self.put(|w| cmd.emit(d, w))
+    }
+
+    /// POSTCOPY_ADVISE with the given page sizes.
+    pub fn advise(&mut self, host: u64, target: u64) -> &mut Self {
+        use zerocopy::byteorder::big_endian::U64;
+        let a = Advise { host_page_size: U64::new(host), target_page_size: U64::new(target) };
+        self.command(Command::Advise(Some(a)))
+    }
+
+    /// A 7.2 RAM_DISCARD of byte ranges.
+    pub fn discard(&mut self, block: &[u8], ranges: &[(u64, u64)]) -> &mut Self {
+        let h = DiscardHeader { block, first_bit_offset: None, entries: ranges.len() as u16 };
+        self.command(Command::RamDiscard(h));
+        for &(s, l) in ranges {
+            self.put(|w| DiscardRange::emit(s, l, w));
+        }
+        self
+    }
+
+    /// A v5 RAM_DISCARD of mask entries.
+    pub fn discard_v5(&mut self, block: &[u8], first_bit_offset: u8, masks: &[(u64, u32)]) -> &mut Self {
+        let h = DiscardHeader { block, first_bit_offset: Some(first_bit_offset), entries: masks.len() as u16 };
+        self.command(Command::RamDiscard(h));
+        for &(s, m) in masks {
+            self.put(|w| DiscardMask::emit(s, m, w));
+        }
+        self
+    }
+
+    /// PACKAGED with `blob` after it.
+    pub fn packaged(&mut self, blob: &[u8]) -> &mut Self {
+        self.command(Command::Packaged(blob.len() as u32));
+        self.bytes.extend_from_slice(blob);
+        self
+    }
+
+    /// `ram` START with the block list, EOS and footer.
+    pub fn ram_start(&mut self, section_id: u32, blocks: &[(&[u8], u64)]) -> &mut Self {
+        let total = blocks.iter().map(|b| b.1).sum();
+        let h = FullHeader { start: true, section_id, idstr: b"ram", instance_id: 0, version_id: 4 };
+        self.put(|w| h.emit(w));
+        self.put(|w| RamRecord::MemSize(total).emit(w));
+        for &(name, used_length) in blocks {
+            self.put(|w| BlockEntry { name, used_length }.emit(w));
+        }
+        self.eos(section_id)
+    }
+
+    /// `ram` PART (or END) header.
+    pub fn ram_part(&mut self, section_id: u32, end: bool) -> &mut Self {
+        let kind = if end { SectionType::End } else { SectionType::Part };
+        self.put(|w| ShortHeader::emit(kind, section_id, w))
+    }
+
+    /// A ZERO record (`block` None = CONTINUE).
+    pub fn zero(&mut self, block: Option<&[u8]>, offset: u64, fill: u8) -> &mut Self {
+        self.put(|w| RamRecord::Zero { block, offset, fill }.emit(w))
+    }
+
+    /// A PAGE record with its payload.
+    pub fn page(&mut self, block: Option<&[u8]>, offset: u64, data: &[u8]) -> &mut Self {
+        assert_eq!(data.len() as u64, TARGET_PAGE_SIZE);
+        self.put(|w| RamRecord::Page { block, offset }.emit(w));
+        self.bytes.extend_from_slice(data);
+        self
+    }
+
+    /// EOS and the footer.
+    pub fn eos(&mut self, section_id: u32) -> &mut Self {
+        self.put(|w| RamRecord::Eos.emit(w));
+        self.put(|w| ShortHeader::emit(SectionType::Footer, section_id, w))
+    }
+
+    /// A device FULL record with an opaque body and its footer.
+    pub fn device(&mut self, section_id: u32, idstr: &[u8], body: &[u8]) -> &mut Self {
+        let h = FullHeader { start: false, section_id, idstr, instance_id: 0, version_id: 1 };
+        self.put(|w| h.emit(w));
+        self.bytes.extend_from_slice(body);
+        self.put(|w| ShortHeader::emit(SectionType::Footer, section_id, w))
+    }
+
+    /// Top-level EOF.
+    pub fn eof(&mut self) -> &mut Self {
+        self.bytes.push(0);
+        self
+    }
+
+    /// VMDESCRIPTION with its JSON.
+    pub fn vmdescription(&mut self, json: &[u8]) -> &mut Self {
+        self.bytes.push(SectionType::VmDescription.to_byte());
+        self.bytes.extend_from_slice(&(json.len() as u32).to_be_bytes());
+        self.bytes.extend_from_slice(json);
+        self
+    }
+
+    /// Raw bytes.
+    pub fn raw(&mut self, bytes: &[u8]) -> &mut Self {
+        self.bytes.extend_from_slice(bytes);
+        self
+    }
+}
+
+/// A page filled with a pattern derived from `seed`.
+pub fn pattern_page(seed: u64) -> Vec<u8> {
+    (0..TARGET_PAGE_SIZE).map(|i| (seed.wrapping_mul(31).wrapping_add(i * 7) % 251) as u8).collect()
+}
+
+/// A complete QEMU 7.2-shaped postcopy stream for `pages` pages of `pc.ram` (plus a small
+/// `pc.bios`): precopy of every page, a discard of `discarded`, a PACKAGED blob with device
+/// state, then the discarded pages again in postcopy, END and EOF.
+pub fn postcopy_stream(pages: u64, discarded: core::ops::Range<u64>) -> Vec<u8> {
+    let mut s = StreamBuilder::new();
+    let ram = pages * TARGET_PAGE_SIZE;
+    s.header().configuration(b"pc-i440fx-7.2");
+    s.command(Command::OpenReturnPath).command(Command::Ping(1)).advise(4096, 4096);
+    s.ram_start(2, &[(b"pc.ram", ram), (b"pc.bios", 0x4000)]);
+    s.ram_part(2, false);
+    for p in 0..pages {
+        let name: Option<&[u8]> = if p == 0 { Some(b"pc.ram") } else { None };
+        if p % 3 == 0 {
+            s.zero(name, p * TARGET_PAGE_SIZE, 0);
+        } else {
+            s.page(name, p * TARGET_PAGE_SIZE, &pattern_page(p));
+        }
+    }
+    s.zero(Some(b"pc.bios"), 0, 0).eos(2);
+    let (a, b) = (discarded.start * TARGET_PAGE_SIZE, discarded.end * TARGET_PAGE_SIZE);
+    s.discard(b"pc.ram", &[(a, b - a)]).command(Command::Ping(2));
+    let mut blob = StreamBuilder::new();
+    blob.command(Command::Listen).device(3, b"timer", &[1, 2, 3, 4, 5, 6, 7, 8]);
+    blob.device(4, b"globalstate", b"running\0").command(Command::Ping(3)).command(Command::Run);
+    s.packaged(&blob.bytes).command(Command::Ping(4));
+    s.ram_part(2, false);
+    for p in discarded.clone() {
+        let name: Option<&[u8]> = if p == discarded.start { Some(b"pc.ram") } else { None };
+        s.page(name, p * TARGET_PAGE_SIZE, &pattern_page(p ^ 0xffff));
+    }
+    s.eos(2).ram_part(2, true).eos(2).eof();
+    s.bytes
+}
