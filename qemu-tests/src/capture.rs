@@ -189,3 +189,112 @@ pub fn check_precopy_stream(stream: &[u8]) -> Result<()> {
     }
     bail!("stream does not end with EOF + VMDESCRIPTION: truncated?")
 }
+
+/// A finished postcopy capture.
+#[derive(Debug, Clone)]
+pub struct PostcopyCapture {
+    /// The source-to-destination stream.
+    pub stream: PathBuf,
+    /// The destination's return-path bytes (from QEMU's own destination).
+    pub return_path: PathBuf,
+    /// Stream bytes.
+    pub stream_bytes: u64,
+    /// Return-path bytes.
+    pub return_path_bytes: u64,
+    /// SHA-256 of the source's RAM after completion, as in [`Capture::ram_sha256`]
+    /// (checked equal to QEMU's destination RAM when the destination stayed paused).
+    pub ram_sha256: String,
+    /// The source's final `query-migrate`.
+    pub info: MigrationInfo,
+    /// The source's QEMU command line (the destination adds `-incoming URI -S`).
+    pub command_line: Vec<String>,
+}
+
+/// Records a real postcopy migration between two QEMUs through a [`crate::relay::Relay`]:
+/// the source (with the dirty guest of `spec.guest_append`, or none) migrates with
+/// `postcopy-ram`, `max-bandwidth` and `max-postcopy-bandwidth`, switches to postcopy
+/// after `spec.dirty_for`; QEMU's destination (`-incoming`) answers. With `dest_paused`
+/// it gets `-S` (the guest does not run there, so it requests no pages, and its RAM is
+/// checked equal to the source's); otherwise the guest runs there and faults, so the
+/// return path carries page requests. The stream goes to `out`, the return path to `out`
+/// with extension `rp.bin`.
+pub fn capture_postcopy(
+    spec: &CaptureSpec,
+    max_postcopy_bandwidth: Option<u64>,
+    dest_paused: bool,
+    out: &Path,
+) -> Result<PostcopyCapture> {
+    let deadline = Instant::now() + spec.timeout;
+    let mut builder = SourceVm::builder(spec.machine).mem_mib(spec.mem_mib);
+    if !spec.vga {
+        builder = builder.no_vga();
+    }
+    if let Some(append) = &spec.guest_append {
+        builder = builder.kernel(&build_dirty_guest()?, append);
+    }
+    let mut src = builder.clone().spawn()?;
+    let incoming = src.dir().join("incoming.sock");
+    let relay_sock = src.dir().join("relay.sock");
+    let uri = format!("unix:{}", incoming.display());
+    let mut dst = if dest_paused {
+        builder.incoming(&uri).spawn()?
+    } else {
+        builder.incoming_running(&uri).spawn()?
+    };
+    if spec.guest_append.is_some() {
+        src.wait_guest_dirtying(spec.timeout)?;
+    }
+    for vm in [&mut src, &mut dst] {
+        vm.set_capabilities(&[("postcopy-ram", true)])?;
+    }
+    if let Some(bw) = spec.max_bandwidth {
+        src.set_max_bandwidth(bw)?;
+    }
+    if let Some(bw) = max_postcopy_bandwidth {
+        src.set_max_postcopy_bandwidth(bw)?;
+    }
+    let out = std::path::absolute(out)?;
+    let rp = out.with_extension("rp.bin");
+    let relay =
+        crate::relay::Relay::start(&relay_sock, &incoming, out.clone(), rp.clone(), deadline)?;
+    src.migrate(&format!("unix:{}", relay_sock.display()))?;
+    std::thread::sleep(spec.dirty_for);
+    src.start_postcopy()?;
+    let mut saw_postcopy = false;
+    let info = loop {
+        let info = src.query_migrate()?;
+        saw_postcopy |= info.status == "postcopy-active";
+        match info.status.as_str() {
+            "completed" => break info,
+            "failed" | "cancelled" => bail!("source migration {}: {:?}", info.status, info.error),
+            _ if Instant::now() > deadline => bail!("source still `{}`", info.status),
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    if !saw_postcopy {
+        bail!("the source completed without entering postcopy: lower max-bandwidth");
+    }
+    dst.wait_status(
+        &["completed"],
+        deadline.saturating_duration_since(Instant::now()),
+    )?;
+    let (stream_bytes, return_path_bytes) = relay.finish(Duration::from_secs(30))?;
+    let want = src.read_ram()?;
+    if dest_paused {
+        if let Some(diff) = crate::ram::diff_pages(&want, &dst.read_ram()?) {
+            bail!("QEMU's destination RAM differs from the source: {diff}");
+        }
+    }
+    let command_line = src.command_line().to_vec();
+    src.quit()?;
+    dst.quit()?;
+    Ok(PostcopyCapture {
+        stream: out,
+        return_path: rp,
+        stream_bytes,
+        return_path_bytes,
+        ram_sha256: sha256_hex(&want),
+        info,
+        command_line,
+    })
+}

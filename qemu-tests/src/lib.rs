@@ -12,6 +12,7 @@ pub mod install;
 pub mod process;
 pub mod qmp;
 pub mod ram;
+pub mod relay;
 pub mod scenario;
 pub mod source;
 

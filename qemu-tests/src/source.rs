@@ -99,6 +99,12 @@ impl SourceVmBuilder {
         self.arg("-incoming").arg(uri).arg("-S")
     }
 
+    /// Like [`SourceVmBuilder::incoming`] but without `-S`: the guest runs on the
+    /// destination as soon as postcopy starts (so it faults and requests pages).
+    pub fn incoming_running(self, uri: &str) -> Self {
+        self.arg("-incoming").arg(uri)
+    }
+
     /// Adds a raw QEMU argument.
     pub fn arg(mut self, arg: &str) -> Self {
         self.extra.push(arg.to_string());

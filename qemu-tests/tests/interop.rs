@@ -141,6 +141,17 @@ fn replay_q35_precopy_capture() {
     replay_capture("q35-precopy", Machine::Q35);
 }
 
+/// Postcopy streams recorded between two real QEMUs replay to the source's RAM.
+#[test]
+fn replay_pc_postcopy_capture() {
+    replay_capture("pc-postcopy", Machine::Pc);
+}
+
+#[test]
+fn replay_q35_postcopy_capture() {
+    replay_capture("q35-postcopy", Machine::Q35);
+}
+
 /// `--record` during a real postcopy migration, then `--input` of the recording gives the
 /// same RAM.
 #[test]

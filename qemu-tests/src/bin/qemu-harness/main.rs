@@ -4,6 +4,7 @@
 //! qemu-harness capture --machine pc --mem 320M --out FILE [--guest ARGS] [--fill]
 //!                      [--no-vga] [--no-guest] [--exec-cat] [--max-bandwidth BYTES_PER_S]
 //!                      [--dirty-for SECS] [--timeout SECS]
+//!                      [--postcopy [--max-postcopy-bandwidth B] [--dest-paused]]  (via QEMU's own destination)
 //! qemu-harness demo [--machine pc|q35] [--mem 64M] [--dest PATH]
 //! ```
 
@@ -11,7 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use qemu_tests::capture::{capture_precopy, check_precopy_stream, CaptureSpec};
+use qemu_tests::capture::{capture_postcopy, capture_precopy, check_precopy_stream, CaptureSpec};
 use qemu_tests::source::Machine;
 use qemu_tests::{bail, Result};
 
@@ -87,10 +88,18 @@ fn capture(args: &[String]) -> Result<()> {
             "--out",
             "--guest",
             "--max-bandwidth",
+            "--max-postcopy-bandwidth",
             "--dirty-for",
             "--timeout",
         ],
-        &["--fill", "--no-vga", "--no-guest", "--exec-cat"],
+        &[
+            "--fill",
+            "--no-vga",
+            "--no-guest",
+            "--exec-cat",
+            "--postcopy",
+            "--dest-paused",
+        ],
     )?;
     let machine = Machine::parse(flags.get("--machine").unwrap_or("pc"))?;
     let mem = parse_mib(flags.get("--mem").unwrap_or("320M"))?;
@@ -124,6 +133,38 @@ fn capture(args: &[String]) -> Result<()> {
             .parse()
             .map_err(|_| qemu_tests::Error(format!("bad --timeout {s}")))?;
         spec.timeout = Duration::from_secs(secs);
+    }
+    if flags.has("--postcopy") {
+        let pbw = match flags.get("--max-postcopy-bandwidth") {
+            Some(b) => Some(
+                b.parse()
+                    .map_err(|_| qemu_tests::Error(format!("bad bandwidth {b}")))?,
+            ),
+            None => None,
+        };
+        let cap = capture_postcopy(&spec, pbw, flags.has("--dest-paused"), &out)?;
+        std::fs::write(
+            out.with_extension("ram.sha256"),
+            format!("{}\n", cap.ram_sha256),
+        )?;
+        println!(
+            "stream:       {} ({} bytes)",
+            cap.stream.display(),
+            cap.stream_bytes
+        );
+        println!(
+            "return path:  {} ({} bytes)",
+            cap.return_path.display(),
+            cap.return_path_bytes
+        );
+        println!("ram sha256:   {}", cap.ram_sha256);
+        println!("command line: {}", cap.command_line.join(" "));
+        println!(
+            "source:       status {} transferred {} normal pages {} zero pages {} requests {} syncs {}",
+            cap.info.status, cap.info.transferred, cap.info.normal_pages, cap.info.zero_pages,
+            cap.info.postcopy_requests, cap.info.dirty_sync_count
+        );
+        return Ok(());
     }
     let cap = capture_precopy(&spec, &out)?;
     check_precopy_stream(&std::fs::read(&cap.path)?)?;
