@@ -32,6 +32,19 @@ fn steps() -> Vec<(&'static str, Step, Option<&'static str>)> {
         ),
         ("fmt", Step::Cargo(&["fmt", "--all", "--check"], &[]), None),
         (
+            "fmt dirty-guest",
+            Step::Cargo(
+                &[
+                    "fmt",
+                    "--manifest-path",
+                    "qemu-tests/dirty-guest/Cargo.toml",
+                    "--check",
+                ],
+                &[],
+            ),
+            None,
+        ),
+        (
             "clippy",
             Step::Cargo(
                 &[
