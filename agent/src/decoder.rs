@@ -78,8 +78,9 @@ pub enum Record<'a> {
     PageData(&'a [u8]),
     /// A section footer (already checked against the section id).
     Footer,
-    /// A device FULL record in the main stream (precopy completion); its body and the device
-    /// records after it follow as opaque [`Record::DeviceData`].
+    /// A device FULL record in the main stream (precopy completion). It consumes nothing:
+    /// the record itself (header included) and the device records after it follow as opaque
+    /// [`Record::DeviceData`].
     DeviceSection(FullHeader<'a>),
     /// Opaque device state (FULL records inside PACKAGED, or after a precopy END).
     DeviceData(&'a [u8]),
@@ -483,8 +484,11 @@ impl Cx<'_> {
                     // Only `ram` is iterative here (no block migration, no dirty bitmaps).
                     (true, false) | (false, true) => Err((Field::SectionIdstr, Defect::Unsupported)),
                     (false, false) => {
+                        // The header is announced, then handed out again with the body as
+                        // opaque device state: the sink sees whole records.
+                        let _ = n;
                         *self.expect = Expect::MainDeviceState;
-                        Ok(Some((Record::DeviceSection(h), n)))
+                        Ok(Some((Record::DeviceSection(h), 0)))
                     }
                 }
             }

@@ -151,7 +151,8 @@ pub fn bitmap(bytes: u64) -> Vec<AtomicU64> {
 }
 
 /// Feeds `stream` to `engine` through a ring of `capacity` bytes, writing at most `chunk`
-/// bytes per arrival, so records split at every ring wrap and partial arrival.
+/// bytes per arrival, so records split at every ring wrap and partial arrival. Stops when
+/// the migration finishes or the stream is used up (without signalling end of input).
 pub fn feed_through_ring<R: ReturnPath>(
     engine: &mut Engine<'_, '_, '_, R, FakePorts>,
     stream: &[u8],
@@ -159,7 +160,7 @@ pub fn feed_through_ring<R: ReturnPath>(
     chunk: usize,
 ) -> Result<Progress, Error> {
     let mut ring = std::vec![0u8; capacity];
-    let (mut head, mut len, mut written) = (0usize, 0usize, 0usize);
+    let (mut head, mut len, mut written, mut consumed) = (0usize, 0usize, 0usize, 0usize);
     loop {
         // Arrival: copy up to `chunk` bytes into the free space, wrapping.
         let n = chunk.min(capacity - len).min(stream.len() - written);
@@ -173,22 +174,28 @@ pub fn feed_through_ring<R: ReturnPath>(
         let progress = engine.receive(first, second)?;
         head = (head + progress.consumed) % capacity;
         len -= progress.consumed;
-        if progress.finished {
-            return Ok(progress);
-        }
-        if written == stream.len() && progress.consumed == 0 && n == 0 {
-            return engine.end_of_input();
+        consumed += progress.consumed;
+        if progress.finished || (written == stream.len() && progress.consumed == 0 && n == 0) {
+            return Ok(Progress { consumed, finished: progress.finished });
         }
     }
 }
 
 /// Runs a whole stream through a fresh engine with fakes; returns the engine's pieces.
 pub fn run_stream(stream: &[u8], capacity: usize, chunk: usize) -> Outcome {
+    run_stream_with(stream, capacity, chunk, EngineConfig::default())
+}
+
+/// [`run_stream`] with an engine configuration.
+pub fn run_stream_with(stream: &[u8], capacity: usize, chunk: usize, config: EngineConfig<'_>) -> Outcome {
     let received = bitmap(8 << 30);
     let requested = bitmap(8 << 30);
     let shared = Shared::new(&received, &requested, VecReturnPath::default());
-    let mut engine = Engine::new(&shared, FakePorts::default(), EngineConfig::default());
-    let result = feed_through_ring(&mut engine, stream, capacity, chunk);
+    let mut engine = Engine::new(&shared, FakePorts::default(), config);
+    let result = feed_through_ring(&mut engine, stream, capacity, chunk).and_then(|p| match p.finished {
+        true => Ok(p),
+        false => engine.end_of_input().map(|end| Progress { consumed: p.consumed, ..end }),
+    });
     let stats = engine.stats();
     let ports = core::mem::take(engine.ports());
     let state = shared.state.get();

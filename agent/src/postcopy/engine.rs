@@ -511,7 +511,8 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
 
     fn eof(&mut self, at: u64) -> Handled {
         match self.shared.state.get() {
-            State::Running => self.complete(at),
+            // v5 ends postcopy with POSTCOPY_END before the EOF.
+            State::Running | State::End => self.complete(at),
             // A precopy completion: the VMDESCRIPTION (or the end of input) follows.
             State::None | State::Advise => Ok(()),
             state => Err(Error::new(at, Field::EndOfStream, Defect::WrongState { state })),
