@@ -140,7 +140,11 @@ pub struct Error {
 impl Error {
     /// Builds an error.
     pub const fn new(offset: u64, field: Field, defect: Defect) -> Self {
-        Self { offset, field, defect }
+        Self {
+            offset,
+            field,
+            defect,
+        }
     }
 }
 

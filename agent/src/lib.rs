@@ -11,13 +11,13 @@
 extern crate std;
 
 pub mod config;
-pub mod error;
-pub mod postcopy;
-pub mod wire;
 pub mod decoder;
+pub mod error;
 pub mod layout;
 pub mod ports;
+pub mod postcopy;
 #[cfg(any(test, feature = "std"))]
 pub mod testing;
+pub mod wire;
 
 pub use error::{Defect, Error, Field};

@@ -6,6 +6,14 @@
 //! stream context (PONG, SHUT) and from vCPU contexts (page requests), always under the
 //! shared return-path lock, so implementations need no locking of their own.
 
+/// Guest memory does not have the block the stream announced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refused;
+
+/// The return path could not take the message (the connection is gone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SendFailed;
+
 /// Guest RAM, addressed as the stream addresses it: (block index, byte offset).
 ///
 /// The engine checks every block index and range against the block list before calling, so
@@ -14,7 +22,7 @@ pub trait GuestMemory {
     /// A block of the MEM_SIZE list, in order (`index` counts from 0). The hypervisor checks
     /// it against the machine it emulates and refuses blocks it does not have; the hosted
     /// destination allocates it.
-    fn declare_block(&mut self, index: usize, name: &[u8], len: u64) -> Result<(), ()>;
+    fn declare_block(&mut self, index: usize, name: &[u8], len: u64) -> Result<(), Refused>;
 
     /// Copies `data` to `offset` in the block. `data` lies inside one target page that is not
     /// mapped for the guest (or not yet received).
@@ -54,7 +62,7 @@ pub trait PageWaiters {
 /// The return path to the source (the same connection as the stream).
 pub trait ReturnPath {
     /// Sends one complete message. An error ends the migration.
-    fn send(&mut self, message: &[u8]) -> Result<(), ()>;
+    fn send(&mut self, message: &[u8]) -> Result<(), SendFailed>;
 }
 
 /// Everything the stream context drives, as one type parameter.

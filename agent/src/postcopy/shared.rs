@@ -25,7 +25,7 @@ use spin::{Mutex, Once};
 use super::state::{State, StateCell};
 use crate::config::{RP_MESSAGE_CAPACITY, TARGET_PAGE_SIZE};
 use crate::layout::Layout;
-use crate::ports::ReturnPath;
+use crate::ports::{ReturnPath, SendFailed};
 use crate::wire::return_path::RpMessage;
 
 /// What a vCPU does after a stage-2 fault.
@@ -71,9 +71,9 @@ pub struct RpSender<R> {
 
 impl<R: ReturnPath> RpSender<R> {
     /// Sends a message; `Err` if the port fails or the message does not fit.
-    pub fn send(&mut self, msg: RpMessage<'_>) -> Result<(), ()> {
+    pub fn send(&mut self, msg: RpMessage<'_>) -> Result<(), SendFailed> {
         let mut buf = [0u8; RP_MESSAGE_CAPACITY];
-        let n = msg.emit(&mut buf).ok_or(())?;
+        let n = msg.emit(&mut buf).ok_or(SendFailed)?;
         self.port.send(&buf[..n])?;
         self.sent += 1;
         Ok(())
@@ -134,7 +134,12 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
             layout: Once::new(),
             received,
             requested,
-            rp: Mutex::new(RpSender { port: rp, open: false, last_block: None, sent: 0 }),
+            rp: Mutex::new(RpSender {
+                port: rp,
+                open: false,
+                last_block: None,
+                sent: 0,
+            }),
             counters: FaultCounters::default(),
         }
     }
@@ -167,9 +172,13 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
 
     /// Whether the page holding `offset` of `block` has arrived (and is mapped).
     pub fn is_received(&self, block: usize, offset: u64) -> bool {
-        let Some(layout) = self.layout() else { return false };
+        let Some(layout) = self.layout() else {
+            return false;
+        };
         let (word, mask) = bit(layout, block, offset);
-        self.received.get(word).is_some_and(|w| w.load(Ordering::SeqCst) & mask != 0)
+        self.received
+            .get(word)
+            .is_some_and(|w| w.load(Ordering::SeqCst) & mask != 0)
     }
 
     /// Stream context: the page is complete and mapped. Returns whether a vCPU had requested
@@ -186,11 +195,16 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
         while page < offset + len {
             let (word, mask) = bit(layout, block, page);
             // A whole aligned word at once where possible.
-            let whole = page % (64 * TARGET_PAGE_SIZE) == 0 && offset + len - page >= 64 * TARGET_PAGE_SIZE;
+            let whole = page.is_multiple_of(64 * TARGET_PAGE_SIZE)
+                && offset + len - page >= 64 * TARGET_PAGE_SIZE;
             let mask = if whole { u64::MAX } else { mask };
             self.received[word].fetch_and(!mask, Ordering::SeqCst);
             self.requested[word].fetch_and(!mask, Ordering::SeqCst);
-            page += if whole { 64 * TARGET_PAGE_SIZE } else { TARGET_PAGE_SIZE };
+            page += if whole {
+                64 * TARGET_PAGE_SIZE
+            } else {
+                TARGET_PAGE_SIZE
+            };
         }
     }
 
@@ -206,7 +220,9 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
             return Err(FaultError::NotPostcopy { state });
         }
         let layout = self.layout().ok_or(FaultError::OutsideGuestRam { gpa })?;
-        let (block, offset) = layout.gpa_to_block(gpa).ok_or(FaultError::OutsideGuestRam { gpa })?;
+        let (block, offset) = layout
+            .gpa_to_block(gpa)
+            .ok_or(FaultError::OutsideGuestRam { gpa })?;
         self.counters.faults.fetch_add(1, Ordering::Relaxed);
         let page_size = layout.blocks()[block].page_size;
         let offset = offset & !(page_size - 1);
@@ -224,7 +240,13 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
         Ok(Fault::Wait { block, offset })
     }
 
-    fn request(&self, layout: &Layout, block: usize, start: u64, len: u64) -> Result<(), FaultError> {
+    fn request(
+        &self,
+        layout: &Layout,
+        block: usize,
+        start: u64,
+        len: u64,
+    ) -> Result<(), FaultError> {
         let mut rp = self.rp.lock();
         if !rp.open {
             return Ok(());
@@ -233,9 +255,13 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
         let msg = if rp.last_block == Some(block) {
             RpMessage::ReqPages { start, len }
         } else {
-            RpMessage::ReqPagesId { start, len, block: &layout.blocks()[block].name }
+            RpMessage::ReqPagesId {
+                start,
+                len,
+                block: &layout.blocks()[block].name,
+            }
         };
-        rp.send(msg).map_err(|()| FaultError::ReturnPath)?;
+        rp.send(msg).map_err(|SendFailed| FaultError::ReturnPath)?;
         rp.last_block = Some(block);
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         Ok(())

@@ -123,7 +123,10 @@ mod tests {
     #[test]
     fn transitions_check_the_expected_state() {
         let s = StateCell::new();
-        assert_eq!(s.transition(State::Advise, State::Listening), Err(State::None));
+        assert_eq!(
+            s.transition(State::Advise, State::Listening),
+            Err(State::None)
+        );
         assert_eq!(s.transition(State::None, State::Advise), Ok(()));
         assert_eq!(s.transition(State::None, State::Advise), Err(State::Advise));
         assert_eq!(

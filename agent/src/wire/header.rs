@@ -43,13 +43,22 @@ impl StreamHeader {
 
     /// Writes a valid header.
     pub fn emit(w: &mut Writer<'_>) -> Option<()> {
-        let h = Self { magic: U32::new(MAGIC), version: U32::new(VERSION) };
+        let h = Self {
+            magic: U32::new(MAGIC),
+            version: U32::new(VERSION),
+        };
         w.put(h.as_bytes())
     }
 }
 
 fn bad(field: Field, found: u32, expected: u32) -> FieldError {
-    (field, Defect::BadValue { found: found.into(), expected: expected.into() })
+    (
+        field,
+        Defect::BadValue {
+            found: found.into(),
+            expected: expected.into(),
+        },
+    )
 }
 
 /// Head of the CONFIGURATION record: type byte, then the be32 machine-name length.
@@ -77,7 +86,13 @@ impl<'a> Configuration<'a> {
         let len = head.name_len.get();
         if len as usize > MAX_MACHINE_NAME {
             let cap = MAX_MACHINE_NAME as u64;
-            return Err((Field::MachineName, Defect::TooLong { len: len.into(), cap }));
+            return Err((
+                Field::MachineName,
+                Defect::TooLong {
+                    len: len.into(),
+                    cap,
+                },
+            ));
         }
         let end = 5 + len as usize;
         match buf.get(5..end) {
@@ -89,7 +104,10 @@ impl<'a> Configuration<'a> {
     /// Writes the record.
     pub fn emit(&self, w: &mut Writer<'_>) -> Option<()> {
         let len = u32::try_from(self.machine.len()).ok()?;
-        let head = ConfigurationHead { kind: SectionType::Configuration.to_byte(), name_len: U32::new(len) };
+        let head = ConfigurationHead {
+            kind: SectionType::Configuration.to_byte(),
+            name_len: U32::new(len),
+        };
         w.put(head.as_bytes())?;
         w.put(self.machine)
     }
@@ -192,7 +210,13 @@ mod tests {
         v2[7] = 2;
         assert_eq!(
             StreamHeader::parse(&v2),
-            Err((Field::Version, Defect::BadValue { found: 2, expected: 3 }))
+            Err((
+                Field::Version,
+                Defect::BadValue {
+                    found: 2,
+                    expected: 3
+                }
+            ))
         );
     }
 

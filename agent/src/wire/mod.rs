@@ -110,7 +110,13 @@ pub(crate) fn counted_str(
         return Ok(Err(at + 1));
     };
     if len == 0 {
-        return Err((field, Defect::BadValue { found: 0, expected: 1 }));
+        return Err((
+            field,
+            Defect::BadValue {
+                found: 0,
+                expected: 1,
+            },
+        ));
     }
     let end = at + 1 + usize::from(len);
     match buf.get(at + 1..end) {

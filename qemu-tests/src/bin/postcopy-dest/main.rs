@@ -89,7 +89,11 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--vcpus" => {
-                args.vcpus = value()?.parse().ok().filter(|&n| (1..=64).contains(&n)).ok_or("--vcpus: 1..=64")?
+                args.vcpus = value()?
+                    .parse()
+                    .ok()
+                    .filter(|&n| (1..=64).contains(&n))
+                    .ok_or("--vcpus: 1..=64")?
             }
             "--dialect" => {
                 args.dialect = match value()?.as_str() {
@@ -121,21 +125,31 @@ fn connect(source: &Source) -> Result<Connection, String> {
     match source {
         Source::Unix(path) => {
             let _ = std::fs::remove_file(path);
-            let listener = UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))?;
+            let listener =
+                UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))?;
             let (stream, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-            let rp = stream.try_clone().map_err(|e| format!("clone socket: {e}"))?;
+            let rp = stream
+                .try_clone()
+                .map_err(|e| format!("clone socket: {e}"))?;
             Ok((Box::new(stream), Some(Box::new(rp))))
         }
         Source::Tcp(addr) => {
             let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
             let (stream, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-            stream.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
-            let rp = stream.try_clone().map_err(|e| format!("clone socket: {e}"))?;
+            stream
+                .set_nodelay(true)
+                .map_err(|e| format!("nodelay: {e}"))?;
+            let rp = stream
+                .try_clone()
+                .map_err(|e| format!("clone socket: {e}"))?;
             Ok((Box::new(stream), Some(Box::new(rp))))
         }
         Source::File(path) => {
             let file = File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
-            Ok((Box::new(std::io::BufReader::with_capacity(1 << 20, file)), None))
+            Ok((
+                Box::new(std::io::BufReader::with_capacity(1 << 20, file)),
+                None,
+            ))
         }
     }
 }
@@ -158,7 +172,10 @@ fn run(args: &Args) -> Result<Outcome, String> {
     let requested = page_bitmap(MAX_GUEST_RAM);
     let shared = Shared::new(&received, &requested, SocketReturnPath(rp));
     let stage2 = SoftStage2::default();
-    let config = EngineConfig { dialect: args.dialect, machine: args.machine.as_deref().map(str::as_bytes) };
+    let config = EngineConfig {
+        dialect: args.dialect,
+        machine: args.machine.as_deref().map(str::as_bytes),
+    };
     let mut engine = Engine::new(&shared, HostPorts::new(&stage2), config);
     let stop = AtomicBool::new(false);
 
@@ -172,8 +189,10 @@ fn run(args: &Args) -> Result<Outcome, String> {
             .collect();
         let result = receive(&mut engine, &mut input, record.as_mut());
         stop.store(true, Ordering::Release);
-        let vcpus: Result<Vec<_>, String> =
-            handles.into_iter().map(|h| h.join().map_err(|_| "a vCPU thread panicked".to_string())?).collect();
+        let vcpus: Result<Vec<_>, String> = handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| "a vCPU thread panicked".to_string())?)
+            .collect();
         (result, vcpus)
     });
     result?;
@@ -193,7 +212,9 @@ fn run(args: &Args) -> Result<Outcome, String> {
 
 /// One bit per 4 KiB page of `bytes` of guest RAM.
 fn page_bitmap(bytes: u64) -> Vec<AtomicU64> {
-    (0..bytes / (64 * 4096)).map(|_| AtomicU64::new(0)).collect()
+    (0..bytes / (64 * 4096))
+        .map(|_| AtomicU64::new(0))
+        .collect()
 }
 
 /// Reads the stream into the ring and feeds the engine until the migration completes.
@@ -207,7 +228,11 @@ fn receive<R: agent::ports::ReturnPath>(
     loop {
         // Read into the free space up to the ring's end (or up to the head, after a wrap).
         let tail = (head + len) % RING;
-        let free_end = if tail >= head && len < RING { RING } else { head };
+        let free_end = if tail >= head && len < RING {
+            RING
+        } else {
+            head
+        };
         let n = if len == RING {
             0
         } else {
@@ -218,7 +243,8 @@ fn receive<R: agent::ports::ReturnPath>(
             }
         };
         if let Some(f) = record.as_mut() {
-            f.write_all(&ring[tail..tail + n]).map_err(|e| format!("--record: {e}"))?;
+            f.write_all(&ring[tail..tail + n])
+                .map_err(|e| format!("--record: {e}"))?;
         }
         len += n;
         let first_len = len.min(RING - head);

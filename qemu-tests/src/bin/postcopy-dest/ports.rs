@@ -5,7 +5,9 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::sync::{Condvar, Mutex, RwLock};
 
-use agent::ports::{DeviceStateSink, GuestMemory, PageWaiters, ReturnPath, Stage2};
+use agent::ports::{
+    DeviceStateSink, GuestMemory, PageWaiters, Refused, ReturnPath, SendFailed, Stage2,
+};
 
 /// Guest-physical pages mapped for the guest, and the wait/wake point of parked vCPUs.
 #[derive(Debug, Default)]
@@ -19,7 +21,10 @@ pub struct SoftStage2 {
 impl SoftStage2 {
     /// Whether `gpa`'s page is mapped (a vCPU access would not fault).
     pub fn is_mapped(&self, gpa: u64) -> bool {
-        self.mapped.read().expect("stage-2 lock").contains(&(gpa & !0xfff))
+        self.mapped
+            .read()
+            .expect("stage-2 lock")
+            .contains(&(gpa & !0xfff))
     }
 
     /// Parks until `gpa` is mapped or `give_up()` says to stop. Re-checks the mapping under
@@ -34,7 +39,11 @@ impl SoftStage2 {
                 return false;
             }
             let timeout = std::time::Duration::from_millis(50);
-            generation = self.released.wait_timeout(generation, timeout).expect("wait lock").0;
+            generation = self
+                .released
+                .wait_timeout(generation, timeout)
+                .expect("wait lock")
+                .0;
         }
     }
 
@@ -56,14 +65,21 @@ pub struct HostPorts<'s> {
 
 impl<'s> HostPorts<'s> {
     pub fn new(stage2: &'s SoftStage2) -> Self {
-        Self { blocks: Vec::new(), device_state: Vec::new(), stage2 }
+        Self {
+            blocks: Vec::new(),
+            device_state: Vec::new(),
+            stage2,
+        }
     }
 }
 
 impl GuestMemory for HostPorts<'_> {
-    fn declare_block(&mut self, _index: usize, name: &[u8], len: u64) -> Result<(), ()> {
+    fn declare_block(&mut self, _index: usize, name: &[u8], len: u64) -> Result<(), Refused> {
         // Host RAM bounds what we accept: refuse blocks over 64 GiB rather than abort.
-        let len = usize::try_from(len).ok().filter(|&l| l <= 64 << 30).ok_or(())?;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&l| l <= 64 << 30)
+            .ok_or(Refused)?;
         self.blocks.push((name.to_vec(), vec![0; len]));
         Ok(())
     }
@@ -81,7 +97,11 @@ impl GuestMemory for HostPorts<'_> {
 
 impl Stage2 for HostPorts<'_> {
     fn map(&mut self, gpa: u64, _block: usize, _offset: u64) {
-        self.stage2.mapped.write().expect("stage-2 lock").insert(gpa);
+        self.stage2
+            .mapped
+            .write()
+            .expect("stage-2 lock")
+            .insert(gpa);
     }
 
     fn unmap(&mut self, gpa: u64, len: u64) {
@@ -113,9 +133,12 @@ impl PageWaiters for HostPorts<'_> {
 pub struct SocketReturnPath<W>(pub Option<W>);
 
 impl<W: Write> ReturnPath for SocketReturnPath<W> {
-    fn send(&mut self, message: &[u8]) -> Result<(), ()> {
+    fn send(&mut self, message: &[u8]) -> Result<(), SendFailed> {
         match &mut self.0 {
-            Some(w) => w.write_all(message).and_then(|()| w.flush()).map_err(|_| ()),
+            Some(w) => w
+                .write_all(message)
+                .and_then(|()| w.flush())
+                .map_err(|_| SendFailed),
             // A replayed stream has no source to answer.
             None => Ok(()),
         }

@@ -4,8 +4,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use agent::layout::Region;
-use agent::postcopy::{Fault, Shared, State};
 use agent::ports::ReturnPath;
+use agent::postcopy::{Fault, Shared, State};
 
 use crate::ports::SoftStage2;
 
@@ -46,7 +46,9 @@ pub fn run<R: ReturnPath + Send>(
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    let Some(layout) = shared.layout() else { return Ok(report) };
+    let Some(layout) = shared.layout() else {
+        return Ok(report);
+    };
     let pages: Vec<u64> = layout.regions().iter().flat_map(region_pages).collect();
     let mut order: Vec<usize> = (0..pages.len()).collect();
     if touch == Touch::Random {
