@@ -69,7 +69,7 @@ fn steps() -> Vec<(&'static str, Step, Option<&'static str>)> {
         ),
         (
             "tests (workspace, with QEMU interop)",
-            Step::Cargo(&["test", "--workspace"], &[]),
+            Step::Cargo(&["test", "--workspace", "--no-fail-fast"], &[]),
             None,
         ),
         (
