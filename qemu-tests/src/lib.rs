@@ -9,6 +9,7 @@ pub mod capture;
 pub mod dest;
 pub mod guest;
 pub mod install;
+pub mod oracle;
 pub mod process;
 pub mod qmp;
 pub mod ram;

@@ -71,12 +71,21 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         "guest: heartbeat {} pages dirtied {}",
         out.guest.heartbeat, out.guest.pages_dirtied
     );
+    match &out.source_diff {
+        None => println!("source check: destination equals the source's final RAM"),
+        Some(d) => println!(
+            "source check: destination differs from the source's final RAM ({d}); \
+             the TCG source can lose dirty bits, the verdict is the check below"
+        ),
+    }
     match out.ram_diff {
         None => {
             println!(
-                "RAM check: destination {} equals the source, {} bytes compared",
+                "RAM check: destination {} equals what QEMU 7.2's own destination loads from \
+                 the same stream ({} bytes compared, stream {} bytes)",
                 machine.ram_block(),
-                out.ram_bytes
+                out.ram_bytes,
+                out.stream_bytes
             );
             Ok(())
         }
