@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::guest::{build_dirty_guest, GuestStatus};
+use crate::oracle::qemu_load;
 use crate::ram::sha256_hex;
 use crate::source::{Machine, MigrationInfo, SourceVm};
 use crate::{bail, Result};
@@ -62,9 +63,13 @@ pub struct Capture {
     pub path: PathBuf,
     /// Its size.
     pub bytes: u64,
-    /// SHA-256 of the source's RAM after the migration completed (guest-physical
-    /// `[0, mem)` read with `pmemsave`, holes zeroed; see [`Machine::ram_holes`]).
+    /// SHA-256 of main RAM as QEMU's own destination loads the capture
+    /// ([`crate::oracle::qemu_load`]: guest-physical `[0, mem)` read with `pmemsave`,
+    /// holes zeroed; see [`Machine::ram_holes`]).
     pub ram_sha256: String,
+    /// The same for the source's RAM after the migration completed (may differ: the TCG
+    /// source can lose dirty bits).
+    pub source_ram_sha256: String,
     /// The source's final `query-migrate`.
     pub info: MigrationInfo,
     /// QEMU's command line.
@@ -109,7 +114,7 @@ pub fn capture_precopy(spec: &CaptureSpec, out: &Path) -> Result<Capture> {
         let guest = build_dirty_guest()?;
         builder = builder.kernel(&guest, append);
     }
-    let mut vm = builder.spawn()?;
+    let mut vm = builder.clone().spawn()?;
     if spec.guest_append.is_some() {
         vm.wait_guest_dirtying(spec.timeout)?;
     }
@@ -156,17 +161,12 @@ pub fn capture_precopy(spec: &CaptureSpec, out: &Path) -> Result<Capture> {
         Some(_) => Some(vm.guest_status()?),
         None => None,
     };
-    let ram_sha256 = sha256_hex(&vm.read_ram()?);
+    let source_ram_sha256 = sha256_hex(&vm.read_ram()?);
     let command_line = vm.command_line().to_vec();
     vm.quit()?;
-    Ok(Capture {
-        path: out,
-        bytes,
-        ram_sha256,
-        info,
-        command_line,
-        guest,
-    })
+    check_precopy_stream(&std::fs::read(&out)?)?;
+    let ram_sha256 = sha256_hex(&qemu_load(&builder, &out, spec.timeout)?);
+    Ok(Capture { path: out, bytes, ram_sha256, source_ram_sha256, info, command_line, guest })
 }
 
 /// Checks that `stream` is a complete precopy stream: QEMU magic and version 3 at the
@@ -180,8 +180,7 @@ pub fn check_precopy_stream(stream: &[u8]) -> Result<()> {
     let lo = stream.len().saturating_sub(4 << 20);
     for p in (lo..stream.len().saturating_sub(5)).rev() {
         if stream[p] == 0x06 && p > 0 && stream[p - 1] == 0x00 {
-            let len =
-                u32::from_be_bytes([stream[p + 1], stream[p + 2], stream[p + 3], stream[p + 4]]);
+            let len = u32::from_be_bytes([stream[p + 1], stream[p + 2], stream[p + 3], stream[p + 4]]);
             if p + 5 + len as usize == stream.len() && stream[p + 5] == b'{' {
                 return Ok(());
             }
@@ -201,9 +200,12 @@ pub struct PostcopyCapture {
     pub stream_bytes: u64,
     /// Return-path bytes.
     pub return_path_bytes: u64,
-    /// SHA-256 of the source's RAM after completion, as in [`Capture::ram_sha256`]
-    /// (checked equal to QEMU's destination RAM when the destination stayed paused).
+    /// SHA-256 of main RAM as a fresh QEMU destination loads the stream, as in
+    /// [`Capture::ram_sha256`] (and checked equal to the live QEMU destination's RAM when
+    /// that one stayed paused).
     pub ram_sha256: String,
+    /// The same for the source's RAM after completion (may differ, see [`Capture`]).
+    pub source_ram_sha256: String,
     /// The source's final `query-migrate`.
     pub info: MigrationInfo,
     /// The source's QEMU command line (the destination adds `-incoming URI -S`).
@@ -237,9 +239,9 @@ pub fn capture_postcopy(
     let relay_sock = src.dir().join("relay.sock");
     let uri = format!("unix:{}", incoming.display());
     let mut dst = if dest_paused {
-        builder.incoming(&uri).spawn()?
+        builder.clone().incoming(&uri).spawn()?
     } else {
-        builder.incoming_running(&uri).spawn()?
+        builder.clone().incoming_running(&uri).spawn()?
     };
     if spec.guest_append.is_some() {
         src.wait_guest_dirtying(spec.timeout)?;
@@ -255,8 +257,7 @@ pub fn capture_postcopy(
     }
     let out = std::path::absolute(out)?;
     let rp = out.with_extension("rp.bin");
-    let relay =
-        crate::relay::Relay::start(&relay_sock, &incoming, out.clone(), rp.clone(), deadline)?;
+    let relay = crate::relay::Relay::start(&relay_sock, &incoming, out.clone(), rp.clone(), deadline)?;
     src.migrate(&format!("unix:{}", relay_sock.display()))?;
     std::thread::sleep(spec.dirty_for);
     src.start_postcopy()?;
@@ -274,15 +275,13 @@ pub fn capture_postcopy(
     if !saw_postcopy {
         bail!("the source completed without entering postcopy: lower max-bandwidth");
     }
-    dst.wait_status(
-        &["completed"],
-        deadline.saturating_duration_since(Instant::now()),
-    )?;
+    dst.wait_status(&["completed"], deadline.saturating_duration_since(Instant::now()))?;
     let (stream_bytes, return_path_bytes) = relay.finish(Duration::from_secs(30))?;
     let want = src.read_ram()?;
+    let loaded = qemu_load(&builder, &out, spec.timeout)?;
     if dest_paused {
-        if let Some(diff) = crate::ram::diff_pages(&want, &dst.read_ram()?) {
-            bail!("QEMU's destination RAM differs from the source: {diff}");
+        if let Some(diff) = crate::ram::diff_pages(&loaded, &dst.read_ram()?) {
+            bail!("the live QEMU destination differs from QEMU's load of the recording: {diff}");
         }
     }
     let command_line = src.command_line().to_vec();
@@ -293,7 +292,8 @@ pub fn capture_postcopy(
         return_path: rp,
         stream_bytes,
         return_path_bytes,
-        ram_sha256: sha256_hex(&want),
+        ram_sha256: sha256_hex(&loaded),
+        source_ram_sha256: sha256_hex(&want),
         info,
         command_line,
     })

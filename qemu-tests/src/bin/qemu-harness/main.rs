@@ -6,6 +6,7 @@
 //!                      [--dirty-for SECS] [--timeout SECS]
 //!                      [--postcopy [--max-postcopy-bandwidth B] [--dest-paused]]  (via QEMU's own destination)
 //! qemu-harness demo [--machine pc|q35] [--mem 64M] [--dest PATH]
+//! qemu-harness load --machine pc --mem 32M [--no-vga] [--guest ARGS] --stream FILE
 //! ```
 
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use qemu_tests::capture::{capture_postcopy, capture_precopy, check_precopy_stream, CaptureSpec};
-use qemu_tests::source::Machine;
+use qemu_tests::source::{Machine, SourceVm};
 use qemu_tests::{bail, Result};
 
 mod demo;
@@ -23,9 +24,13 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("capture") => capture(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
+        Some("load") => load(&args[1..]),
         _ => Err(qemu_tests::Error(
             "usage: qemu-harness capture --machine pc --mem 320M --out FILE [--guest ARGS] [--fill] \
-             [--no-vga] [--max-bandwidth B] [--dirty-for S] | demo [--machine pc] [--mem 64M] [--dest PATH]"
+             [--no-vga] [--no-guest] [--exec-cat] [--max-bandwidth B] [--dirty-for S] [--timeout S] \
+             [--postcopy [--max-postcopy-bandwidth B] [--dest-paused]] \
+             | demo [--machine pc|q35] [--mem 64M] [--dest PATH] [--precopy] [--touch T] [--record F] \
+             | load --machine pc --mem 32M [--no-vga] [--guest ARGS] --stream FILE"
                 .into(),
         )),
     };
@@ -92,14 +97,7 @@ fn capture(args: &[String]) -> Result<()> {
             "--dirty-for",
             "--timeout",
         ],
-        &[
-            "--fill",
-            "--no-vga",
-            "--no-guest",
-            "--exec-cat",
-            "--postcopy",
-            "--dest-paused",
-        ],
+        &["--fill", "--no-vga", "--no-guest", "--exec-cat", "--postcopy", "--dest-paused"],
     )?;
     let machine = Machine::parse(flags.get("--machine").unwrap_or("pc"))?;
     let mem = parse_mib(flags.get("--mem").unwrap_or("320M"))?;
@@ -117,52 +115,37 @@ fn capture(args: &[String]) -> Result<()> {
         spec.guest_append = Some(append);
     }
     if let Some(bw) = flags.get("--max-bandwidth") {
-        spec.max_bandwidth = Some(
-            bw.parse()
-                .map_err(|_| qemu_tests::Error(format!("bad --max-bandwidth {bw}")))?,
-        );
+        spec.max_bandwidth =
+            Some(bw.parse().map_err(|_| qemu_tests::Error(format!("bad --max-bandwidth {bw}")))?);
     }
     if let Some(s) = flags.get("--dirty-for") {
-        let secs: f64 = s
-            .parse()
-            .map_err(|_| qemu_tests::Error(format!("bad --dirty-for {s}")))?;
+        let secs: f64 = s.parse().map_err(|_| qemu_tests::Error(format!("bad --dirty-for {s}")))?;
         spec.dirty_for = Duration::from_secs_f64(secs);
     }
     if let Some(s) = flags.get("--timeout") {
-        let secs: u64 = s
-            .parse()
-            .map_err(|_| qemu_tests::Error(format!("bad --timeout {s}")))?;
+        let secs: u64 = s.parse().map_err(|_| qemu_tests::Error(format!("bad --timeout {s}")))?;
         spec.timeout = Duration::from_secs(secs);
     }
     if flags.has("--postcopy") {
         let pbw = match flags.get("--max-postcopy-bandwidth") {
-            Some(b) => Some(
-                b.parse()
-                    .map_err(|_| qemu_tests::Error(format!("bad bandwidth {b}")))?,
-            ),
+            Some(b) => Some(b.parse().map_err(|_| qemu_tests::Error(format!("bad bandwidth {b}")))?),
             None => None,
         };
         let cap = capture_postcopy(&spec, pbw, flags.has("--dest-paused"), &out)?;
-        std::fs::write(
-            out.with_extension("ram.sha256"),
-            format!("{}\n", cap.ram_sha256),
-        )?;
-        println!(
-            "stream:       {} ({} bytes)",
-            cap.stream.display(),
-            cap.stream_bytes
-        );
-        println!(
-            "return path:  {} ({} bytes)",
-            cap.return_path.display(),
-            cap.return_path_bytes
-        );
-        println!("ram sha256:   {}", cap.ram_sha256);
+        std::fs::write(out.with_extension("ram.sha256"), format!("{}\n", cap.ram_sha256))?;
+        println!("stream:       {} ({} bytes)", cap.stream.display(), cap.stream_bytes);
+        println!("return path:  {} ({} bytes)", cap.return_path.display(), cap.return_path_bytes);
+        println!("ram sha256:   {} (QEMU's load of the stream)", cap.ram_sha256);
+        println!("source ram:   {}", cap.source_ram_sha256);
         println!("command line: {}", cap.command_line.join(" "));
         println!(
             "source:       status {} transferred {} normal pages {} zero pages {} requests {} syncs {}",
-            cap.info.status, cap.info.transferred, cap.info.normal_pages, cap.info.zero_pages,
-            cap.info.postcopy_requests, cap.info.dirty_sync_count
+            cap.info.status,
+            cap.info.transferred,
+            cap.info.normal_pages,
+            cap.info.zero_pages,
+            cap.info.postcopy_requests,
+            cap.info.dirty_sync_count
         );
         return Ok(());
     }
@@ -173,7 +156,8 @@ fn capture(args: &[String]) -> Result<()> {
     println!("capture:      {}", cap.path.display());
     println!("ram hash in:  {}", hash_file.display());
     println!("bytes:        {}", cap.bytes);
-    println!("ram sha256:   {}", cap.ram_sha256);
+    println!("ram sha256:   {} (QEMU's load of the stream)", cap.ram_sha256);
+    println!("source ram:   {}", cap.source_ram_sha256);
     println!("command line: {}", cap.command_line.join(" "));
     println!(
         "source:       status {} transferred {} normal pages {} zero pages {} syncs {}",
@@ -186,5 +170,27 @@ fn capture(args: &[String]) -> Result<()> {
     if let Some(g) = cap.guest {
         println!("guest:        {g:?}");
     }
+    Ok(())
+}
+
+/// `load --machine pc --mem 32M [--no-vga] [--guest ARGS] --stream FILE`: loads a recorded
+/// stream into QEMU's own destination and prints the SHA-256 of its main RAM (holes
+/// zeroed), the reference value for a capture.
+fn load(args: &[String]) -> Result<()> {
+    let flags = Flags::new(args, &["--machine", "--mem", "--guest", "--stream"], &["--no-vga"])?;
+    let machine = Machine::parse(flags.get("--machine").unwrap_or("pc"))?;
+    let Some(stream) = flags.get("--stream") else {
+        bail!("load needs --stream FILE");
+    };
+    let mut builder = SourceVm::builder(machine).mem_mib(parse_mib(flags.get("--mem").unwrap_or("32M"))?);
+    if flags.has("--no-vga") {
+        builder = builder.no_vga();
+    }
+    if let Some(g) = flags.get("--guest") {
+        builder = builder.kernel(&qemu_tests::guest::build_dirty_guest()?, g);
+    }
+    let ram =
+        qemu_tests::oracle::qemu_load(&builder, std::path::Path::new(stream), Duration::from_secs(120))?;
+    println!("{}  {stream}", qemu_tests::ram::sha256_hex(&ram));
     Ok(())
 }
