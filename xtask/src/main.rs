@@ -78,13 +78,17 @@ pub fn run(mut cmd: Command) -> bool {
     }
 }
 
-/// Builds the qemu-tests binaries, then runs `qemu-harness <sub> ARGS`.
+/// Builds `qemu-harness` (and `postcopy-dest` for the demo), then runs
+/// `qemu-harness <sub> ARGS`.
 fn harness(sub: &str, args: Vec<String>) -> bool {
     if !prereq::qemu() || !prereq::objcopy() {
         return false;
     }
     let mut build = cargo();
-    build.args(["build", "-p", "qemu-tests", "--bins"]);
+    build.args(["build", "-p", "qemu-tests", "--bin", "qemu-harness"]);
+    if sub == "demo" {
+        build.args(["--bin", "postcopy-dest"]);
+    }
     if !run(build) {
         return false;
     }
@@ -97,12 +101,7 @@ fn harness(sub: &str, args: Vec<String>) -> bool {
 /// output in `<target>/captures/`.
 fn capture_args(user: &[String]) -> Vec<String> {
     let has = |flag: &str| user.iter().any(|a| a == flag);
-    let get = |flag: &str| {
-        user.iter()
-            .position(|a| a == flag)
-            .and_then(|i| user.get(i + 1))
-            .cloned()
-    };
+    let get = |flag: &str| user.iter().position(|a| a == flag).and_then(|i| user.get(i + 1)).cloned();
     let mut args = user.to_vec();
     let machine = get("--machine").unwrap_or_else(|| "pc".into());
     let mem = get("--mem").unwrap_or_else(|| "320M".into());
