@@ -49,10 +49,7 @@ fn assert_ram_equal(out: &Outcome, machine: Machine) {
         eprintln!("note: the dump differs from the source's final RAM: {diff}");
     }
     assert!(out.ram_bytes > 0);
-    assert_eq!(
-        out.summary.bytes, out.stream_bytes,
-        "summary bytes vs relayed stream"
-    );
+    assert_eq!(out.summary.bytes, out.stream_bytes, "summary bytes vs relayed stream");
 }
 
 fn assert_postcopy(out: &Outcome, machine: Machine) {
@@ -68,11 +65,7 @@ fn assert_postcopy(out: &Outcome, machine: Machine) {
     assert!(s.page_requests > 0, "no page requests: {s:?}");
     assert!(s.pages_received > 0, "no pages: {s:?}");
     assert!(s.bytes > 0, "no bytes: {s:?}");
-    assert!(
-        out.guest.pages_dirtied > 0,
-        "the guest dirtied nothing: {:?}",
-        out.guest
-    );
+    assert!(out.guest.pages_dirtied > 0, "the guest dirtied nothing: {:?}", out.guest);
 }
 
 #[test]
@@ -83,9 +76,11 @@ fn postcopy_pc_ram_matches_source() {
 }
 
 #[test]
-fn postcopy_q35_ram_matches_source() {
+fn postcopy_q35_touch_seq_ram_matches_source() {
     let _g = serial();
-    let out = run_ok(&Scenario::postcopy(Machine::Q35));
+    let mut sc = Scenario::postcopy(Machine::Q35);
+    sc.touch = Some("seq".into());
+    let out = run_ok(&sc);
     assert_postcopy(&out, Machine::Q35);
 }
 
@@ -111,24 +106,22 @@ fn replay(file: &Path, machine: Machine) -> (Vec<u8>, u64) {
         ..DestOptions::default()
     };
     let dest = Dest::spawn(Path::new(DEST), &opts).expect("start postcopy-dest");
-    let outcome = dest
-        .wait(Duration::from_secs(60))
-        .expect("wait postcopy-dest");
+    let outcome = dest.wait(Duration::from_secs(60)).expect("wait postcopy-dest");
     let summary = match outcome.expect_success() {
         Ok(s) => s.clone(),
         Err(e) => panic!("replay of {}: {e}", file.display()),
     };
     let path = dump.path().join(dump_file_name(machine.ram_block()));
-    let mut ram = std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("no dump {} after replay: {e}", path.display()));
+    let mut ram =
+        std::fs::read(&path).unwrap_or_else(|e| panic!("no dump {} after replay: {e}", path.display()));
     zero_holes(&mut ram, machine.ram_holes());
     (ram, summary.bytes)
 }
 
 fn replay_capture(name: &str, machine: Machine) {
     let file = captures().join(format!("{name}.bin"));
-    let want = std::fs::read_to_string(captures().join(format!("{name}.ram.sha256")))
-        .expect("capture hash file");
+    let want =
+        std::fs::read_to_string(captures().join(format!("{name}.ram.sha256"))).expect("capture hash file");
     let want = want.split_whitespace().next().expect("a hash");
     let (ram, bytes) = replay(&file, machine);
     assert_eq!(ram.len(), 32 << 20, "{name}: dump size");
@@ -175,16 +168,8 @@ fn postcopy_recording_replays_to_same_ram() {
     let out = run_ok(&sc);
     assert_postcopy(&out, Machine::Pc);
     let recording = std::fs::read(&rec).expect("recording");
-    assert_eq!(
-        recording.len() as u64,
-        out.summary.bytes,
-        "recording size vs summary bytes"
-    );
-    assert_eq!(
-        sha256_hex(&recording),
-        out.stream_sha256,
-        "recording vs relayed stream"
-    );
+    assert_eq!(recording.len() as u64, out.summary.bytes, "recording size vs summary bytes");
+    assert_eq!(sha256_hex(&recording), out.stream_sha256, "recording vs relayed stream");
     let (ram, bytes) = replay(&rec, Machine::Pc);
     assert_eq!(bytes, recording.len() as u64);
     assert_eq!(sha256_hex(&ram), out.reference_ram_sha256, "replayed RAM");
@@ -199,29 +184,20 @@ fn reference_qemu_destination_postcopy() {
     let _g = serial();
     let guest = build_dirty_guest().expect("build dirty guest");
     let sc = Scenario::postcopy(Machine::Pc);
-    let builder = SourceVm::builder(sc.machine)
-        .mem_mib(sc.mem_mib)
-        .kernel(&guest, &sc.guest_append);
+    let builder = SourceVm::builder(sc.machine).mem_mib(sc.mem_mib).kernel(&guest, &sc.guest_append);
     let mut src = builder.clone().spawn().expect("source");
     let work = tempfile::tempdir().expect("tempdir");
     let incoming = work.path().join("incoming.sock");
     let relay_sock = work.path().join("relay.sock");
     let stream = work.path().join("stream.bin");
-    let mut dst = builder
-        .clone()
-        .incoming(&format!("unix:{}", incoming.display()))
-        .spawn()
-        .expect("QEMU destination");
-    src.wait_guest_dirtying(Duration::from_secs(30))
-        .expect("guest runs");
+    let mut dst =
+        builder.clone().incoming(&format!("unix:{}", incoming.display())).spawn().expect("QEMU destination");
+    src.wait_guest_dirtying(Duration::from_secs(30)).expect("guest runs");
     for vm in [&mut src, &mut dst] {
-        vm.set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
+        vm.set_capabilities(&[("postcopy-ram", true)]).expect("caps");
     }
-    src.set_max_bandwidth(sc.max_bandwidth.expect("bw"))
-        .expect("bw");
-    src.set_max_postcopy_bandwidth(sc.max_postcopy_bandwidth.expect("pbw"))
-        .expect("pbw");
+    src.set_max_bandwidth(sc.max_bandwidth.expect("bw")).expect("bw");
+    src.set_max_postcopy_bandwidth(sc.max_postcopy_bandwidth.expect("pbw")).expect("pbw");
     let relay = Relay::start(
         &relay_sock,
         &incoming,
@@ -231,8 +207,7 @@ fn reference_qemu_destination_postcopy() {
     )
     .expect("relay");
     let start = Instant::now();
-    src.migrate(&format!("unix:{}", relay_sock.display()))
-        .expect("migrate");
+    src.migrate(&format!("unix:{}", relay_sock.display())).expect("migrate");
     std::thread::sleep(sc.precopy_for);
     src.start_postcopy().expect("start postcopy");
     let mut saw_postcopy = false;
@@ -242,22 +217,14 @@ fn reference_qemu_destination_postcopy() {
         if info.status == "completed" {
             break;
         }
-        assert!(
-            !matches!(info.status.as_str(), "failed" | "cancelled"),
-            "source: {}",
-            info.raw
-        );
+        assert!(!matches!(info.status.as_str(), "failed" | "cancelled"), "source: {}", info.raw);
         assert!(start.elapsed() < sc.timeout, "source: {}", info.raw);
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(saw_postcopy, "the source never entered postcopy-active");
-    dst.wait_status(&["completed"], Duration::from_secs(30))
-        .expect("destination completes");
+    dst.wait_status(&["completed"], Duration::from_secs(30)).expect("destination completes");
     let (stream_bytes, rp_bytes) = relay.finish(Duration::from_secs(10)).expect("relay");
-    assert!(
-        stream_bytes > 0 && rp_bytes >= 8,
-        "{stream_bytes} {rp_bytes}"
-    );
+    assert!(stream_bytes > 0 && rp_bytes >= 8, "{stream_bytes} {rp_bytes}");
     let live = dst.read_ram().expect("destination RAM");
     let loaded = qemu_load(&builder, &stream, Duration::from_secs(60)).expect("oracle");
     if let Some(diff) = diff_pages(&live, &loaded) {
@@ -278,9 +245,7 @@ fn dirty_guest_runs_and_dirties() {
         .kernel(&guest, "rate=4096 span=8192")
         .spawn()
         .expect("start QEMU");
-    let a = vm
-        .wait_guest_dirtying(Duration::from_secs(30))
-        .expect("guest runs");
+    let a = vm.wait_guest_dirtying(Duration::from_secs(30)).expect("guest runs");
     std::thread::sleep(Duration::from_millis(1000));
     let b = vm.guest_status().expect("status");
     // multiboot's mem_upper ends a little below the RAM size (QEMU keeps the top 128 KiB).
@@ -294,9 +259,6 @@ fn dirty_guest_runs_and_dirties() {
     assert!((300..=2000).contains(&pages), "{pages} pages in ~1 s");
     let ram = vm.read_ram().expect("RAM");
     let region = &ram[0x20_0000..0x20_0000 + (8192 << 10)];
-    let touched = region
-        .chunks(4096)
-        .filter(|p| p.iter().any(|&b| b != 0))
-        .count();
+    let touched = region.chunks(4096).filter(|p| p.iter().any(|&b| b != 0)).count();
     assert!(touched >= 300, "{touched} non-zero pages in the region");
 }
