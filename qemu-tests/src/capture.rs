@@ -257,7 +257,13 @@ pub fn capture_postcopy(
     }
     let out = std::path::absolute(out)?;
     let rp = out.with_extension("rp.bin");
-    let relay = crate::relay::Relay::start(&relay_sock, &incoming, out.clone(), rp.clone(), deadline)?;
+    let relay = crate::relay::Relay::start(
+        &relay_sock,
+        crate::relay::Endpoint::Unix(incoming.clone()),
+        out.clone(),
+        rp.clone(),
+        deadline,
+    )?;
     src.migrate(&format!("unix:{}", relay_sock.display()))?;
     std::thread::sleep(spec.dirty_for);
     src.start_postcopy()?;

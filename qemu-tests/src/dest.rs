@@ -142,20 +142,27 @@ impl DestOutcome {
 impl Dest {
     /// Starts `bin` with `opts`. With `--listen unix:PATH`, waits until PATH exists.
     pub fn spawn(bin: &Path, opts: &DestOptions) -> Result<Self> {
-        let logs = tempfile::Builder::new()
-            .prefix("postcopy-dest-")
-            .tempdir()?;
+        let logs = tempfile::Builder::new().prefix("postcopy-dest-").tempdir()?;
         let mut cmd = Command::new(bin);
         cmd.args(opts.args());
         let mut child = ChildGuard::spawn("postcopy-dest", cmd, logs.path())?;
+        if let Some(port) = opts.listen.as_deref().and_then(tcp_port) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !tcp_listening(port) {
+                if let Some(status) = child.try_status()? {
+                    bail!("postcopy-dest exited before listening ({status}): {}", child.stderr_tail(2000));
+                }
+                if Instant::now() > deadline {
+                    bail!("postcopy-dest did not listen on TCP port {port} within 10 s");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         if let Some(path) = opts.listen.as_deref().and_then(|l| l.strip_prefix("unix:")) {
             let deadline = Instant::now() + Duration::from_secs(10);
             while !Path::new(path).exists() {
                 if let Some(status) = child.try_status()? {
-                    bail!(
-                        "postcopy-dest exited before listening ({status}): {}",
-                        child.stderr_tail(2000)
-                    );
+                    bail!("postcopy-dest exited before listening ({status}): {}", child.stderr_tail(2000));
                 }
                 if Instant::now() > deadline {
                     bail!("postcopy-dest did not create {path} within 10 s");
@@ -181,16 +188,27 @@ impl Dest {
         let status = self.child.wait_or_kill(timeout)?;
         let stdout = self.child.stdout();
         let stderr = self.child.stderr();
-        let summary = stdout
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .and_then(|l| Summary::parse(l).ok());
-        Ok(DestOutcome {
-            status,
-            stdout,
-            stderr,
-            summary,
-        })
+        let summary =
+            stdout.lines().rev().find(|l| !l.trim().is_empty()).and_then(|l| Summary::parse(l).ok());
+        Ok(DestOutcome { status, stdout, stderr, summary })
     }
+}
+
+/// The port of a `tcp:HOST:PORT` listen address.
+fn tcp_port(listen: &str) -> Option<u16> {
+    listen.strip_prefix("tcp:")?.rsplit(':').next()?.parse().ok()
+}
+
+/// A socket listens on `port` (any address), per `/proc/net/tcp{,6}`. Checking this way
+/// does not use up the destination's single accept.
+pub fn tcp_listening(port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f).is_ok_and(|table| {
+            table.lines().skip(1).any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() > 3 && cols[1].ends_with(&want) && cols[3] == "0A"
+            })
+        })
+    })
 }

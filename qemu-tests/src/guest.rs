@@ -46,9 +46,7 @@ impl GuestStatus {
     /// Decodes the first bytes of the status page.
     pub fn parse(page: &[u8]) -> Option<Self> {
         let word = |i: usize| -> Option<u32> {
-            Some(u32::from_le_bytes(
-                page.get(i * 4..i * 4 + 4)?.try_into().ok()?,
-            ))
+            Some(u32::from_le_bytes(page.get(i * 4..i * 4 + 4)?.try_into().ok()?))
         };
         Some(GuestStatus {
             magic: word(0)?,
@@ -87,13 +85,7 @@ pub fn build_dirty_guest() -> Result<PathBuf> {
     let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cargo
         .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "x86_64-unknown-none",
-            "--manifest-path",
-        ])
+        .args(["build", "--release", "--target", "x86_64-unknown-none", "--manifest-path"])
         .arg(root.join("qemu-tests/dirty-guest/Cargo.toml"))
         .arg("--target-dir")
         .arg(&target)

@@ -17,16 +17,12 @@ pub const QEMU_VERSION: &str = "7.2";
 /// Finds `name` in `$PATH`.
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| is_executable(p))
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| is_executable(p))
 }
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 /// True when the process runs as root (uid 0).
@@ -62,12 +58,7 @@ pub fn apt_install_qemu() -> Result<()> {
     run(update, Duration::from_secs(600))?;
     let mut install = Command::new("apt-get");
     install
-        .args([
-            "install",
-            "-y",
-            "--no-install-recommends",
-            "qemu-system-x86",
-        ])
+        .args(["install", "-y", "--no-install-recommends", "qemu-system-x86"])
         .env("DEBIAN_FRONTEND", "noninteractive");
     run(install, Duration::from_secs(1200))?;
     Ok(())
@@ -77,10 +68,7 @@ pub fn apt_install_qemu() -> Result<()> {
 /// we are root. Fails if it is missing (not root) or is not version 7.2.
 pub fn qemu() -> Result<PathBuf> {
     static FOUND: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    FOUND
-        .get_or_init(|| find_or_install().map_err(|e| e.0))
-        .clone()
-        .map_err(Error)
+    FOUND.get_or_init(|| find_or_install().map_err(|e| e.0)).clone().map_err(Error)
 }
 
 fn find_or_install() -> Result<PathBuf> {

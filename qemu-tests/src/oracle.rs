@@ -25,10 +25,7 @@ pub fn qemu_load(source: &SourceVmBuilder, stream: &Path, timeout: Duration) -> 
     }
     let mut vm = source.clone().incoming("defer").spawn()?;
     vm.set_capabilities(&[("postcopy-ram", true)])?;
-    vm.execute(
-        "migrate-incoming",
-        json!({ "uri": format!("exec:cat '{path}'") }),
-    )?;
+    vm.execute("migrate-incoming", json!({ "uri": format!("exec:cat '{path}'") }))?;
     vm.wait_status(&["completed"], timeout)
         .map_err(|e| crate::Error(format!("QEMU could not load {path}: {e}; {}", vm.stderr())))?;
     let ram = vm.read_ram()?;

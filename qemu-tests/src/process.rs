@@ -31,13 +31,7 @@ impl ChildGuard {
             Ok(c) => c,
             Err(e) => bail!("cannot start {name} ({:?}): {e}", cmd.get_program()),
         };
-        Ok(ChildGuard {
-            name: name.to_string(),
-            child: Some(child),
-            status: None,
-            stdout,
-            stderr,
-        })
+        Ok(ChildGuard { name: name.to_string(), child: Some(child), status: None, stdout, stderr })
     }
 
     /// The process id.

@@ -37,12 +37,8 @@ impl Qmp {
             }
         };
         let writer = stream.try_clone()?;
-        let mut qmp = Qmp {
-            reader: BufReader::new(stream),
-            writer,
-            partial: String::new(),
-            events: Vec::new(),
-        };
+        let mut qmp =
+            Qmp { reader: BufReader::new(stream), writer, partial: String::new(), events: Vec::new() };
         let greeting = qmp.read_message(deadline)?;
         if greeting.get("QMP").is_none() {
             bail!("unexpected QMP greeting: {greeting}");
@@ -104,9 +100,7 @@ impl Qmp {
             if now >= deadline {
                 bail!("timed out waiting for a QMP message");
             }
-            self.reader
-                .get_ref()
-                .set_read_timeout(Some(deadline - now))?;
+            self.reader.get_ref().set_read_timeout(Some(deadline - now))?;
             match self.reader.read_line(&mut self.partial) {
                 Ok(0) => bail!("QMP connection closed by QEMU"),
                 Ok(_) if self.partial.ends_with('\n') => {
@@ -121,9 +115,7 @@ impl Qmp {
                     return Ok(msg);
                 }
                 Ok(_) => continue,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    continue
-                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e.into()),
             }

@@ -13,10 +13,7 @@ pub fn zero_holes(ram: &mut [u8], holes: &[(u64, u64)]) {
 
 /// Lower-case hex SHA-256.
 pub fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Describes how `got` differs from `want` (None if equal): sizes, number of differing
@@ -27,11 +24,7 @@ pub fn diff_pages(want: &[u8], got: &[u8]) -> Option<String> {
     }
     let mut msg = String::new();
     if want.len() != got.len() {
-        msg.push_str(&format!(
-            "sizes differ: want {} got {}; ",
-            want.len(),
-            got.len()
-        ));
+        msg.push_str(&format!("sizes differ: want {} got {}; ", want.len(), got.len()));
     }
     let mut bad = Vec::new();
     for (i, (a, b)) in want.chunks(4096).zip(got.chunks(4096)).enumerate() {

@@ -1,9 +1,9 @@
-//! A recording relay between a migration source and a destination, both over unix
-//! sockets: it accepts the source's connection, connects to the destination, copies both
-//! directions and saves each to a file (the stream, and the return path).
+//! A recording relay between a migration source (over a unix socket) and a destination
+//! (unix socket or TCP): it accepts the source's connection, connects to the destination,
+//! copies both directions and saves each to a file (the stream, and the return path).
 
 use std::io::{BufWriter, Read, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -17,7 +17,63 @@ pub struct Relay {
     handle: JoinHandle<Result<(u64, u64)>>,
 }
 
-fn pump(mut from: UnixStream, mut to: UnixStream, record: &Path) -> Result<u64> {
+/// Where the relay connects.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// A unix socket path.
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp(SocketAddr),
+}
+
+/// A connected destination socket of either kind.
+enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    fn try_clone(&self) -> std::io::Result<Conn> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown_write(&self) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(Shutdown::Write),
+            Conn::Tcp(s) => s.shutdown(Shutdown::Write),
+        };
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(buf),
+            Conn::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(buf),
+            Conn::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.flush(),
+            Conn::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+fn pump(mut from: Conn, mut to: Conn, record: &Path) -> Result<u64> {
     let mut file = BufWriter::new(std::fs::File::create(record)?);
     let mut buf = vec![0u8; 64 << 10];
     let mut total = 0u64;
@@ -36,7 +92,7 @@ fn pump(mut from: UnixStream, mut to: UnixStream, record: &Path) -> Result<u64> 
         }
     }
     file.flush()?;
-    let _ = to.shutdown(Shutdown::Write);
+    to.shutdown_write();
     Ok(total)
 }
 
@@ -46,13 +102,12 @@ impl Relay {
     /// `return_path`. Gives up waiting for the connection at `deadline`.
     pub fn start(
         listen: &Path,
-        dest: &Path,
+        dest: Endpoint,
         stream: PathBuf,
         return_path: PathBuf,
         deadline: Instant,
     ) -> Result<Self> {
         let listener = UnixListener::bind(listen)?;
-        let dest = dest.to_path_buf();
         let handle = std::thread::spawn(move || {
             listener.set_nonblocking(true)?;
             let src = loop {
@@ -68,7 +123,15 @@ impl Relay {
                 }
             };
             src.set_nonblocking(false)?;
-            let dst = UnixStream::connect(&dest)?;
+            let src = Conn::Unix(src);
+            let dst = match &dest {
+                Endpoint::Unix(p) => Conn::Unix(UnixStream::connect(p)?),
+                Endpoint::Tcp(a) => {
+                    let s = TcpStream::connect(a)?;
+                    s.set_nodelay(true)?;
+                    Conn::Tcp(s)
+                }
+            };
             let (src2, dst2) = (src.try_clone()?, dst.try_clone()?);
             let back = std::thread::spawn(move || pump(dst2, src2, &return_path));
             let forward = pump(src, dst, &stream)?;

@@ -10,7 +10,7 @@ use crate::dest::{Dest, DestOptions, Summary};
 use crate::guest::{build_dirty_guest, GuestStatus};
 use crate::oracle::qemu_load;
 use crate::ram::{diff_pages, sha256_hex, zero_holes};
-use crate::relay::Relay;
+use crate::relay::{Endpoint, Relay};
 use crate::source::{Machine, MigrationInfo, SourceVm};
 use crate::{bail, Result};
 
@@ -39,6 +39,8 @@ pub struct Scenario {
     pub timeout: Duration,
     /// Print the source's progress once per second.
     pub progress: bool,
+    /// The destination listens on `tcp:127.0.0.1:PORT` instead of a unix socket.
+    pub tcp: bool,
 }
 
 impl Scenario {
@@ -57,6 +59,7 @@ impl Scenario {
             record: None,
             timeout: Duration::from_secs(60),
             progress: false,
+            tcp: false,
         }
     }
 
@@ -111,9 +114,7 @@ pub fn dump_file_name(block: &str) -> String {
 /// Runs the scenario against the destination binary `dest_bin`.
 pub fn run(dest_bin: &Path, sc: &Scenario) -> Result<Outcome> {
     let guest = build_dirty_guest()?;
-    let builder = SourceVm::builder(sc.machine)
-        .mem_mib(sc.mem_mib)
-        .kernel(&guest, &sc.guest_append);
+    let builder = SourceVm::builder(sc.machine).mem_mib(sc.mem_mib).kernel(&guest, &sc.guest_append);
     let mut vm = builder.clone().spawn()?;
     vm.wait_guest_dirtying(Duration::from_secs(30))?;
 
@@ -123,8 +124,15 @@ pub fn run(dest_bin: &Path, sc: &Scenario) -> Result<Outcome> {
     let stream = work.path().join("stream.bin");
     let dump_dir = work.path().join("dump");
     std::fs::create_dir(&dump_dir)?;
+    let (listen, endpoint) = if sc.tcp {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        (format!("tcp:{addr}"), Endpoint::Tcp(addr))
+    } else {
+        (format!("unix:{}", dest_sock.display()), Endpoint::Unix(dest_sock.clone()))
+    };
     let opts = DestOptions {
-        listen: Some(format!("unix:{}", dest_sock.display())),
+        listen: Some(listen),
         dump_dir: Some(dump_dir.clone()),
         touch: sc.touch.clone(),
         record: sc.record.clone(),
@@ -133,7 +141,7 @@ pub fn run(dest_bin: &Path, sc: &Scenario) -> Result<Outcome> {
     let mut dest = Dest::spawn(dest_bin, &opts)?;
     let relay = Relay::start(
         &relay_sock,
-        &dest_sock,
+        endpoint,
         stream.clone(),
         work.path().join("return-path.bin"),
         Instant::now() + sc.timeout,
@@ -218,10 +226,7 @@ pub fn run(dest_bin: &Path, sc: &Scenario) -> Result<Outcome> {
     let dump_path = dump_dir.join(dump_file_name(block));
     let mut got = match std::fs::read(&dump_path) {
         Ok(d) => d,
-        Err(e) => bail!(
-            "postcopy-dest did not dump {block} to {}: {e}",
-            dump_path.display()
-        ),
+        Err(e) => bail!("postcopy-dest did not dump {block} to {}: {e}", dump_path.display()),
     };
     zero_holes(&mut got, sc.machine.ram_holes());
     let reference = qemu_load(&builder, &stream, Duration::from_secs(60))?;

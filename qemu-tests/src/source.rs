@@ -155,17 +155,12 @@ impl SourceVmBuilder {
         let sock = dir.path().join("qmp.sock");
         let args = self.args();
         let mut cmd = Command::new(&qemu);
-        cmd.args(&args)
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", sock.display()));
+        cmd.args(&args).arg("-qmp").arg(format!("unix:{},server=on,wait=off", sock.display()));
         let mut child = ChildGuard::spawn("qemu", cmd, dir.path())?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while !sock.exists() {
             if let Some(status) = child.try_status()? {
-                bail!(
-                    "QEMU exited at start ({status}): {}",
-                    child.stderr_tail(2000)
-                );
+                bail!("QEMU exited at start ({status}): {}", child.stderr_tail(2000));
             }
             if Instant::now() > deadline {
                 bail!("QEMU did not create its QMP socket in 20 s");
@@ -175,14 +170,7 @@ impl SourceVmBuilder {
         let qmp = Qmp::connect(&sock, Duration::from_secs(20))?;
         let mut command_line = vec![qemu.display().to_string()];
         command_line.extend(args);
-        Ok(SourceVm {
-            machine: self.machine,
-            mem_mib: self.mem_mib,
-            command_line,
-            qmp,
-            child,
-            dir,
-        })
+        Ok(SourceVm { machine: self.machine, mem_mib: self.mem_mib, command_line, qmp, child, dir })
     }
 }
 
@@ -243,14 +231,7 @@ impl MigrationInfo {
 impl SourceVm {
     /// A builder for `machine` with 32 MiB, VGA on, no kernel.
     pub fn builder(machine: Machine) -> SourceVmBuilder {
-        SourceVmBuilder {
-            machine,
-            mem_mib: 32,
-            kernel: None,
-            append: None,
-            vga: true,
-            extra: Vec::new(),
-        }
+        SourceVmBuilder { machine, mem_mib: 32, kernel: None, append: None, vga: true, extra: Vec::new() }
     }
 
     /// The machine type.
@@ -282,10 +263,7 @@ impl SourceVm {
     pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value> {
         self.qmp.execute(cmd, args).map_err(|e| {
             if let Ok(Some(status)) = self.child.try_status() {
-                crate::Error(format!(
-                    "{e} (QEMU exited: {status}; stderr: {})",
-                    self.child.stderr_tail(2000)
-                ))
+                crate::Error(format!("{e} (QEMU exited: {status}; stderr: {})", self.child.stderr_tail(2000)))
             } else {
                 e
             }
@@ -294,10 +272,8 @@ impl SourceVm {
 
     /// `migrate-set-capabilities` with `(name, state)` pairs.
     pub fn set_capabilities(&mut self, caps: &[(&str, bool)]) -> Result<()> {
-        let caps: Vec<Value> = caps
-            .iter()
-            .map(|(name, state)| json!({ "capability": name, "state": state }))
-            .collect();
+        let caps: Vec<Value> =
+            caps.iter().map(|(name, state)| json!({ "capability": name, "state": state })).collect();
         self.execute("migrate-set-capabilities", json!({ "capabilities": caps }))?;
         Ok(())
     }

@@ -15,7 +15,7 @@ use qemu_tests::dest::{Dest, DestOptions};
 use qemu_tests::guest::build_dirty_guest;
 use qemu_tests::oracle::qemu_load;
 use qemu_tests::ram::{diff_pages, sha256_hex, zero_holes};
-use qemu_tests::relay::Relay;
+use qemu_tests::relay::{Endpoint, Relay};
 use qemu_tests::scenario::{dump_file_name, run, Outcome, Scenario};
 use qemu_tests::source::{Machine, SourceVm};
 
@@ -82,6 +82,15 @@ fn postcopy_q35_touch_seq_ram_matches_source() {
     sc.touch = Some("seq".into());
     let out = run_ok(&sc);
     assert_postcopy(&out, Machine::Q35);
+}
+
+#[test]
+fn postcopy_pc_over_tcp_ram_matches_source() {
+    let _g = serial();
+    let mut sc = Scenario::postcopy(Machine::Pc);
+    sc.tcp = true;
+    let out = run_ok(&sc);
+    assert_postcopy(&out, Machine::Pc);
 }
 
 #[test]
@@ -200,7 +209,7 @@ fn reference_qemu_destination_postcopy() {
     src.set_max_postcopy_bandwidth(sc.max_postcopy_bandwidth.expect("pbw")).expect("pbw");
     let relay = Relay::start(
         &relay_sock,
-        &incoming,
+        Endpoint::Unix(incoming.clone()),
         stream.clone(),
         work.path().join("rp.bin"),
         Instant::now() + sc.timeout,

@@ -8,9 +8,7 @@ const QEMU_VERSION: &str = "version 7.2.";
 
 fn output(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn is_root() -> bool {
@@ -70,8 +68,7 @@ pub fn objcopy() -> bool {
 /// The `x86_64-unknown-none` target is installed for the pinned toolchain.
 pub fn bare_metal_target() -> bool {
     let mut list = Command::new("rustup");
-    list.current_dir(crate::root())
-        .args(["target", "list", "--installed"]);
+    list.current_dir(crate::root()).args(["target", "list", "--installed"]);
     let installed = list
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).contains("x86_64-unknown-none"))
@@ -80,7 +77,6 @@ pub fn bare_metal_target() -> bool {
         return true;
     }
     let mut add = Command::new("rustup");
-    add.current_dir(crate::root())
-        .args(["target", "add", "x86_64-unknown-none"]);
+    add.current_dir(crate::root()).args(["target", "add", "x86_64-unknown-none"]);
     crate::run(add)
 }

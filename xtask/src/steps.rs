@@ -14,10 +14,7 @@ enum Step {
     /// A function returning pass/fail.
     Check(fn() -> bool),
     /// A cargo command (arguments after `cargo`) with extra environment variables.
-    Cargo(
-        &'static [&'static str],
-        &'static [(&'static str, &'static str)],
-    ),
+    Cargo(&'static [&'static str], &'static [(&'static str, &'static str)]),
 }
 
 /// The steps: (name, step, run only if this path exists in the workspace).
@@ -25,46 +22,21 @@ fn steps() -> Vec<(&'static str, Step, Option<&'static str>)> {
     vec![
         ("prerequisite: QEMU 7.2", Step::Check(prereq::qemu), None),
         ("prerequisite: objcopy", Step::Check(prereq::objcopy), None),
-        (
-            "prerequisite: x86_64-unknown-none",
-            Step::Check(prereq::bare_metal_target),
-            None,
-        ),
+        ("prerequisite: x86_64-unknown-none", Step::Check(prereq::bare_metal_target), None),
         ("fmt", Step::Cargo(&["fmt", "--all", "--check"], &[]), None),
         (
             "fmt dirty-guest",
-            Step::Cargo(
-                &[
-                    "fmt",
-                    "--manifest-path",
-                    "qemu-tests/dirty-guest/Cargo.toml",
-                    "--check",
-                ],
-                &[],
-            ),
+            Step::Cargo(&["fmt", "--manifest-path", "qemu-tests/dirty-guest/Cargo.toml", "--check"], &[]),
             None,
         ),
         (
             "clippy",
-            Step::Cargo(
-                &[
-                    "clippy",
-                    "--workspace",
-                    "--all-targets",
-                    "--",
-                    "-D",
-                    "warnings",
-                ],
-                &[],
-            ),
+            Step::Cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &[]),
             None,
         ),
         (
             "agent for x86_64-unknown-none",
-            Step::Cargo(
-                &["build", "-p", "agent", "--target", "x86_64-unknown-none"],
-                &[],
-            ),
+            Step::Cargo(&["build", "-p", "agent", "--target", "x86_64-unknown-none"], &[]),
             None,
         ),
         (
@@ -113,13 +85,6 @@ pub fn test() -> bool {
         };
         println!("{verdict:<20} {name} ({secs:.1} s)");
     }
-    println!(
-        "{}",
-        if all {
-            "all steps passed"
-        } else {
-            "SOME STEPS FAILED"
-        }
-    );
+    println!("{}", if all { "all steps passed" } else { "SOME STEPS FAILED" });
     all
 }

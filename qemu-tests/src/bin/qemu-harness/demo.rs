@@ -13,14 +13,7 @@ use crate::{parse_mib, Flags};
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let flags = Flags::new(
         args,
-        &[
-            "--machine",
-            "--mem",
-            "--dest",
-            "--guest",
-            "--record",
-            "--touch",
-        ],
+        &["--machine", "--mem", "--dest", "--guest", "--record", "--touch"],
         &["--precopy"],
     )?;
     let machine = Machine::parse(flags.get("--machine").unwrap_or("pc"))?;
@@ -29,16 +22,10 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         None => std::env::current_exe()?.with_file_name("postcopy-dest"),
     };
     if !dest.exists() {
-        bail!(
-            "{} not found: build it with `cargo build -p qemu-tests --bins`",
-            dest.display()
-        );
+        bail!("{} not found: build it with `cargo build -p qemu-tests --bins`", dest.display());
     }
-    let mut sc = if flags.has("--precopy") {
-        Scenario::precopy(machine)
-    } else {
-        Scenario::postcopy(machine)
-    };
+    let mut sc =
+        if flags.has("--precopy") { Scenario::precopy(machine) } else { Scenario::postcopy(machine) };
     sc.mem_mib = parse_mib(flags.get("--mem").unwrap_or("64M"))?;
     if let Some(g) = flags.get("--guest") {
         sc.guest_append = g.to_string();
@@ -67,10 +54,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         out.source.postcopy_requests,
         out.saw_postcopy_active
     );
-    println!(
-        "guest: heartbeat {} pages dirtied {}",
-        out.guest.heartbeat, out.guest.pages_dirtied
-    );
+    println!("guest: heartbeat {} pages dirtied {}", out.guest.heartbeat, out.guest.pages_dirtied);
     match &out.source_diff {
         None => println!("source check: destination equals the source's final RAM"),
         Some(d) => println!(
