@@ -22,6 +22,8 @@ pub const BOUNCE_CAPACITY: usize = 512;
 pub const MAX_BLOCKS: usize = 16;
 /// Iterative sections (START/PART/END) the decoder remembers by id; 7.2 sends only `ram`.
 pub const MAX_ITERATIVE_SECTIONS: usize = 4;
+/// vCPUs that can wait on pages at once (one parking slot each).
+pub const MAX_VCPUS: usize = 64;
 /// Regions of the guest-physical map (pc/q35 use at most 4).
 pub const MAX_GPA_REGIONS: usize = 8;
 /// Largest machine-type name accepted in CONFIGURATION ("pc-i440fx-7.2" is 13 bytes).

@@ -17,8 +17,7 @@
 use heapless::Vec;
 
 use crate::config::{
-    BOUNCE_CAPACITY, MAX_ITERATIVE_SECTIONS, MAX_PACKAGED_LEN, MAX_VMDESCRIPTION_LEN,
-    TARGET_PAGE_SIZE,
+    BOUNCE_CAPACITY, MAX_ITERATIVE_SECTIONS, MAX_PACKAGED_LEN, MAX_VMDESCRIPTION_LEN, TARGET_PAGE_SIZE,
 };
 use crate::error::{Defect, Error, Field};
 use crate::wire::command::{Command, CommandHeader, Dialect};
@@ -185,43 +184,21 @@ impl Decoder {
         if self.at_end() {
             Ok(())
         } else {
-            Err(Error::new(
-                self.offset,
-                Field::EndOfStream,
-                Defect::Truncated,
-            ))
+            Err(Error::new(self.offset, Field::EndOfStream, Defect::Truncated))
         }
     }
 
     /// Decodes the next record from the readable bytes (`first`, then `second` after the
     /// ring's wrap).
     pub fn next<'a>(&'a mut self, first: &'a [u8], second: &'a [u8]) -> Result<Step<'a>, Error> {
-        let Self {
-            dialect,
-            expect,
-            offset,
-            package_left,
-            ram_sections,
-            bounce,
-        } = self;
-        let mut cx = Cx {
-            at: *offset,
-            expect,
-            package_left,
-            ram_sections,
-            dialect: *dialect,
-        };
+        let Self { dialect, expect, offset, package_left, ram_sections, bounce } = self;
+        let mut cx = Cx { at: *offset, expect, package_left, ram_sections, dialect: *dialect };
         let (first, second) = cx.clip(first, second);
-        let input = Input {
-            first,
-            second,
-            bounce,
-        };
+        let input = Input { first, second, bounce };
         let result = cx.step(input);
         match result {
             Ok(Some((record, len))) => {
-                cx.consume(len)
-                    .map_err(|d| Error::new(cx.at, Field::Packaged, d))?;
+                cx.consume(len).map_err(|d| Error::new(cx.at, Field::Packaged, d))?;
                 let at = cx.at;
                 *offset = at + len as u64;
                 Ok(Step::Record { record, at, len })
@@ -277,13 +254,7 @@ impl<'a> Input<'a> {
         }
         if need > BOUNCE_CAPACITY {
             let len = need as u64;
-            return Err((
-                Field::SectionType,
-                Defect::TooLong {
-                    len,
-                    cap: BOUNCE_CAPACITY as u64,
-                },
-            ));
+            return Err((Field::SectionType, Defect::TooLong { len, cap: BOUNCE_CAPACITY as u64 }));
         }
         let from_first = self.first.len();
         let n = self.total().min(BOUNCE_CAPACITY);
@@ -354,9 +325,7 @@ impl Cx<'_> {
                 Some(0x05) => {
                     let r = input.unit(ConfigSubsection::parse)?;
                     let next = match r {
-                        Some((ConfigSubsection::Capabilities(n), _)) if n > 0 => {
-                            Expect::Capabilities(n)
-                        }
+                        Some((ConfigSubsection::Capabilities(n), _)) if n > 0 => Expect::Capabilities(n),
                         _ => Expect::Subsections,
                     };
                     self.then(r, next, Record::ConfigSubsection)
@@ -368,11 +337,7 @@ impl Cx<'_> {
             },
             Expect::Capabilities(left) => {
                 let r = input.unit(CapabilityName::parse)?;
-                let next = if left > 1 {
-                    Expect::Capabilities(left - 1)
-                } else {
-                    Expect::Subsections
-                };
+                let next = if left > 1 { Expect::Capabilities(left - 1) } else { Expect::Subsections };
                 self.then(r, next, |c| Record::Capability(c.0))
             }
             Expect::TopLevel => self.top_level(input),
@@ -396,11 +361,7 @@ impl Cx<'_> {
                     return Ok(None);
                 }
                 let rest = left - piece.len() as u16;
-                *self.expect = if rest == 0 {
-                    Expect::TopLevel
-                } else {
-                    Expect::SkipPayload(rest)
-                };
+                *self.expect = if rest == 0 { Expect::TopLevel } else { Expect::SkipPayload(rest) };
                 Ok(Some((Record::CommandPayload(piece), piece.len())))
             }
             Expect::RamBody { section_id, setup } => self.ram_record(input, section_id, setup),
@@ -409,21 +370,11 @@ impl Cx<'_> {
                 if let Some((entry, _)) = r {
                     if entry.used_length > left {
                         let (start, len) = (entry.used_length, entry.used_length);
-                        return Err((
-                            Field::RamBlockList,
-                            Defect::OutOfRange {
-                                start,
-                                len,
-                                limit: left,
-                            },
-                        ));
+                        return Err((Field::RamBlockList, Defect::OutOfRange { start, len, limit: left }));
                     }
                     let left = left - entry.used_length;
                     *self.expect = if left == 0 {
-                        Expect::RamBody {
-                            section_id,
-                            setup: false,
-                        }
+                        Expect::RamBody { section_id, setup: false }
                     } else {
                         Expect::BlockList { section_id, left }
                     };
@@ -437,15 +388,9 @@ impl Cx<'_> {
                 }
                 let rest = left - piece.len() as u16;
                 *self.expect = if rest == 0 {
-                    Expect::RamBody {
-                        section_id,
-                        setup: false,
-                    }
+                    Expect::RamBody { section_id, setup: false }
                 } else {
-                    Expect::PagePayload {
-                        section_id,
-                        left: rest,
-                    }
+                    Expect::PagePayload { section_id, left: rest }
                 };
                 Ok(Some((Record::PageData(piece), piece.len())))
             }
@@ -454,13 +399,7 @@ impl Cx<'_> {
                 if let Some(((kind, id), _)) = r {
                     if kind != SectionType::Footer.to_byte() {
                         let found = kind.into();
-                        return Err((
-                            Field::SectionFooter,
-                            Defect::BadValue {
-                                found,
-                                expected: 0x7e,
-                            },
-                        ));
+                        return Err((Field::SectionFooter, Defect::BadValue { found, expected: 0x7e }));
                     }
                     if id != section_id {
                         let (found, expected) = (id.into(), section_id.into());
@@ -476,20 +415,11 @@ impl Cx<'_> {
                 Some(0x06) => {
                     let r = input.unit(vmdescription_header)?;
                     if let Some((len, _)) = r {
-                        *self.expect = if len == 0 {
-                            Expect::Done
-                        } else {
-                            Expect::VmDescription(len)
-                        };
+                        *self.expect = if len == 0 { Expect::Done } else { Expect::VmDescription(len) };
                     }
                     Ok(r.map(|(len, n)| (Record::VmDescription(len), n)))
                 }
-                Some(other) => Err((
-                    Field::EndOfStream,
-                    Defect::Unknown {
-                        found: other.into(),
-                    },
-                )),
+                Some(other) => Err((Field::EndOfStream, Defect::Unknown { found: other.into() })),
             },
             Expect::VmDescription(left) => {
                 let piece = take(input.contiguous(), left as usize);
@@ -497,21 +427,12 @@ impl Cx<'_> {
                     return Ok(None);
                 }
                 let rest = left - piece.len() as u32;
-                *self.expect = if rest == 0 {
-                    Expect::Done
-                } else {
-                    Expect::VmDescription(rest)
-                };
+                *self.expect = if rest == 0 { Expect::Done } else { Expect::VmDescription(rest) };
                 Ok(Some((Record::VmDescriptionData(piece), piece.len())))
             }
             Expect::Done => match input.peek() {
                 None => Ok(None),
-                Some(other) => Err((
-                    Field::EndOfStream,
-                    Defect::Unknown {
-                        found: other.into(),
-                    },
-                )),
+                Some(other) => Err((Field::EndOfStream, Defect::Unknown { found: other.into() })),
             },
         }
     }
@@ -555,36 +476,18 @@ impl Cx<'_> {
                     (true, true) => {
                         if h.version_id != RAM_VERSION {
                             let (found, expected) = (h.version_id.into(), RAM_VERSION.into());
-                            return Err((
-                                Field::SectionVersion,
-                                Defect::BadValue { found, expected },
-                            ));
+                            return Err((Field::SectionVersion, Defect::BadValue { found, expected }));
                         }
                         if !self.ram_sections.contains(&h.section_id) {
                             self.ram_sections.push(h.section_id).map_err(|_| {
-                                (
-                                    Field::SectionId,
-                                    Defect::TooMany {
-                                        cap: MAX_ITERATIVE_SECTIONS as u64,
-                                    },
-                                )
+                                (Field::SectionId, Defect::TooMany { cap: MAX_ITERATIVE_SECTIONS as u64 })
                             })?;
                         }
-                        *self.expect = Expect::RamBody {
-                            section_id: h.section_id,
-                            setup: true,
-                        };
-                        Ok(Some((
-                            Record::RamStart {
-                                section_id: h.section_id,
-                            },
-                            n,
-                        )))
+                        *self.expect = Expect::RamBody { section_id: h.section_id, setup: true };
+                        Ok(Some((Record::RamStart { section_id: h.section_id }, n)))
                     }
                     // Only `ram` is iterative here (no block migration, no dirty bitmaps).
-                    (true, false) | (false, true) => {
-                        Err((Field::SectionIdstr, Defect::Unsupported))
-                    }
+                    (true, false) | (false, true) => Err((Field::SectionIdstr, Defect::Unsupported)),
                     (false, false) => {
                         // The header is announced, then handed out again with the body as
                         // opaque device state: the sink sees whole records.
@@ -600,17 +503,9 @@ impl Cx<'_> {
                     return Ok(None);
                 };
                 if !self.ram_sections.contains(&section_id) {
-                    return Err((
-                        Field::SectionId,
-                        Defect::Unknown {
-                            found: section_id.into(),
-                        },
-                    ));
+                    return Err((Field::SectionId, Defect::Unknown { found: section_id.into() }));
                 }
-                *self.expect = Expect::RamBody {
-                    section_id,
-                    setup: false,
-                };
+                *self.expect = Expect::RamBody { section_id, setup: false };
                 let end = kind == SectionType::End.to_byte();
                 Ok(Some((Record::RamPart { section_id, end }, n)))
             }
@@ -624,10 +519,7 @@ impl Cx<'_> {
         let Some((cmd, n)) = r else { return Ok(None) };
         match cmd {
             Command::RamDiscard(h) => {
-                *self.expect = Expect::DiscardEntries {
-                    left: h.entries,
-                    v5: h.first_bit_offset.is_some(),
-                };
+                *self.expect = Expect::DiscardEntries { left: h.entries, v5: h.first_bit_offset.is_some() };
             }
             Command::Unknown { len, .. } if len > 0 => *self.expect = Expect::SkipPayload(len),
             Command::Packaged(len) => {
@@ -663,24 +555,15 @@ impl Cx<'_> {
         let record = match rec {
             RamRecord::MemSize(total) if setup => {
                 *self.expect = if total == 0 {
-                    Expect::RamBody {
-                        section_id,
-                        setup: false,
-                    }
+                    Expect::RamBody { section_id, setup: false }
                 } else {
-                    Expect::BlockList {
-                        section_id,
-                        left: total,
-                    }
+                    Expect::BlockList { section_id, left: total }
                 };
                 Record::MemSize(total)
             }
             RamRecord::MemSize(_) => return Err((Field::RamFlags, Defect::Unsupported)),
             RamRecord::Page { .. } => {
-                *self.expect = Expect::PagePayload {
-                    section_id,
-                    left: TARGET_PAGE_SIZE as u16,
-                };
+                *self.expect = Expect::PagePayload { section_id, left: TARGET_PAGE_SIZE as u16 };
                 Record::Ram(rec)
             }
             RamRecord::Eos => {
@@ -688,10 +571,7 @@ impl Cx<'_> {
                 Record::Ram(rec)
             }
             RamRecord::Zero { .. } => {
-                *self.expect = Expect::RamBody {
-                    section_id,
-                    setup: false,
-                };
+                *self.expect = Expect::RamBody { section_id, setup: false };
                 Record::Ram(rec)
             }
         };
@@ -725,16 +605,11 @@ impl Cx<'_> {
         if !tail.ends_with(&run) {
             return Err((
                 Field::Packaged,
-                Defect::Unknown {
-                    found: tail.last().copied().unwrap_or(0).into(),
-                },
+                Defect::Unknown { found: tail.last().copied().unwrap_or(0).into() },
             ));
         }
-        let trailer = if hold == PACKAGE_TRAILER && tail[..5] == ping[..5] {
-            PACKAGE_TRAILER
-        } else {
-            run.len()
-        };
+        let trailer =
+            if hold == PACKAGE_TRAILER && tail[..5] == ping[..5] { PACKAGE_TRAILER } else { run.len() };
         if hold > trailer {
             let piece = take(input.contiguous(), hold - trailer);
             return Ok(Some((Record::DeviceData(piece), piece.len())));
@@ -780,8 +655,7 @@ impl Cx<'_> {
 
 /// Position of `7e ? ? ? ? 00 06 ? ? ? ? 7b` in `b`.
 fn find_device_end(b: &[u8]) -> Option<usize> {
-    b.windows(DEVICE_END_PATTERN)
-        .position(|w| w[0] == 0x7e && w[5] == 0x00 && w[6] == 0x06 && w[11] == b'{')
+    b.windows(DEVICE_END_PATTERN).position(|w| w[0] == 0x7e && w[5] == 0x00 && w[6] == 0x06 && w[11] == b'{')
 }
 
 fn take(b: &[u8], max: usize) -> &[u8] {

@@ -140,11 +140,7 @@ pub struct Error {
 impl Error {
     /// Builds an error.
     pub const fn new(offset: u64, field: Field, defect: Defect) -> Self {
-        Self {
-            offset,
-            field,
-            defect,
-        }
+        Self { offset, field, defect }
     }
 }
 
@@ -162,10 +158,9 @@ impl fmt::Display for Error {
             Defect::Misaligned { value, align } => {
                 write!(f, "{value:#x} is not aligned to {align:#x}")
             }
-            Defect::OutOfRange { start, len, limit } => write!(
-                f,
-                "range [{start:#x}, +{len:#x}) is outside the block of {limit:#x} bytes"
-            ),
+            Defect::OutOfRange { start, len, limit } => {
+                write!(f, "range [{start:#x}, +{len:#x}) is outside the block of {limit:#x} bytes")
+            }
             Defect::WrongState { state } => write!(f, "not allowed in postcopy state {state:?}"),
             Defect::Mismatch => write!(f, "does not match this destination"),
             Defect::UnknownBlock => write!(f, "unknown RAMBlock"),

@@ -107,11 +107,7 @@ pub enum AddBlockError {
 impl Layout {
     /// An empty layout.
     pub const fn new() -> Self {
-        Self {
-            blocks: Vec::new(),
-            regions: Vec::new(),
-            bitmap_words: 0,
-        }
+        Self { blocks: Vec::new(), regions: Vec::new(), bitmap_words: 0 }
     }
 
     /// Adds a block from the MEM_SIZE list.
@@ -124,16 +120,9 @@ impl Layout {
         }
         let name = Vec::from_slice(name).map_err(|_| AddBlockError::TooMany)?;
         let first_word = self.bitmap_words;
-        let block = Block {
-            name,
-            len,
-            page_size: HOST_PAGE_SIZE,
-            first_word,
-        };
+        let block = Block { name, len, page_size: HOST_PAGE_SIZE, first_word };
         let words = block.pages().div_ceil(64) as usize;
-        self.blocks
-            .push(block)
-            .map_err(|_| AddBlockError::TooMany)?;
+        self.blocks.push(block).map_err(|_| AddBlockError::TooMany)?;
         self.bitmap_words += words;
         Ok(self.blocks.len() - 1)
     }
@@ -149,12 +138,7 @@ impl Layout {
                     let below_hole = low.min(LEGACY_HOLE_START);
                     self.push_region(0, below_hole, ram, 0);
                     if low > LEGACY_HOLE_END {
-                        self.push_region(
-                            LEGACY_HOLE_END,
-                            low - LEGACY_HOLE_END,
-                            ram,
-                            LEGACY_HOLE_END,
-                        );
+                        self.push_region(LEGACY_HOLE_END, low - LEGACY_HOLE_END, ram, LEGACY_HOLE_END);
                     }
                     if len > low {
                         self.push_region(FOUR_GIB, len - low, ram, low);
@@ -180,12 +164,7 @@ impl Layout {
         if len > 0 {
             // At most 4 regions on pc/q35; Flat has one per block and MAX_GPA_REGIONS >=
             // MAX_BLOCKS is asserted below, so this never overflows.
-            let _ = self.regions.push(Region {
-                gpa,
-                len,
-                block,
-                block_offset,
-            });
+            let _ = self.regions.push(Region { gpa, len, block, block_offset });
         }
     }
 
@@ -221,9 +200,7 @@ impl Layout {
     pub fn block_to_gpas(&self, block: usize, offset: u64) -> impl Iterator<Item = u64> + '_ {
         self.regions
             .iter()
-            .filter(move |r| {
-                r.block == block && offset >= r.block_offset && offset - r.block_offset < r.len
-            })
+            .filter(move |r| r.block == block && offset >= r.block_offset && offset - r.block_offset < r.len)
             .map(move |r| r.gpa + (offset - r.block_offset))
     }
 }
@@ -257,10 +234,7 @@ mod tests {
         assert_eq!(l.gpa_to_block((64 << 20) - 1), Some((0, (64 << 20) - 1)));
         assert_eq!(l.gpa_to_block(64 << 20), None);
         assert_eq!(l.gpa_to_block(FOUR_GIB - 0x40000), Some((2, 0)));
-        assert_eq!(
-            l.block_to_gpas(2, 0x3f000).collect::<std::vec::Vec<_>>(),
-            [FOUR_GIB - 0x1000]
-        );
+        assert_eq!(l.block_to_gpas(2, 0x3f000).collect::<std::vec::Vec<_>>(), [FOUR_GIB - 0x1000]);
         assert_eq!(l.block_to_gpas(1, 0).count(), 0);
     }
 
@@ -271,10 +245,7 @@ mod tests {
         assert_eq!(l.gpa_to_block(2 * GIB), None);
         assert_eq!(l.gpa_to_block(FOUR_GIB), Some((0, 2 * GIB)));
         assert_eq!(l.gpa_to_block(FOUR_GIB + GIB - 1), Some((0, 3 * GIB - 1)));
-        assert_eq!(
-            l.block_to_gpas(0, 2 * GIB).collect::<std::vec::Vec<_>>(),
-            [FOUR_GIB]
-        );
+        assert_eq!(l.block_to_gpas(0, 2 * GIB).collect::<std::vec::Vec<_>>(), [FOUR_GIB]);
     }
 
     #[test]

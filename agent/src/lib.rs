@@ -7,7 +7,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-#[cfg(test)]
+#[cfg(any(test, loom))]
 extern crate std;
 
 pub mod config;
@@ -16,6 +16,7 @@ pub mod error;
 pub mod layout;
 pub mod ports;
 pub mod postcopy;
+pub mod sync;
 #[cfg(any(test, feature = "std"))]
 pub mod testing;
 pub mod wire;

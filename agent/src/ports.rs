@@ -55,8 +55,10 @@ pub trait DeviceStateSink {
 
 /// vCPUs parked on missing pages.
 pub trait PageWaiters {
-    /// The page at `offset` of `block` is mapped: every vCPU waiting on it may run.
-    fn release(&mut self, block: usize, offset: u64);
+    /// vCPU `vcpu` was parked on a page that is now mapped: make it runnable. Called exactly
+    /// once per [`Fault::Wait`](crate::postcopy::Fault::Wait), possibly before the vCPU has
+    /// gone to sleep, so the wake must be remembered (a token, not a bare signal).
+    fn release(&mut self, vcpu: usize);
 }
 
 /// The return path to the source (the same connection as the stream).

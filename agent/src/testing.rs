@@ -6,14 +6,12 @@
 
 extern crate std;
 
-use core::sync::atomic::AtomicU64;
+use crate::sync::AtomicU64;
 use std::collections::BTreeMap;
 use std::vec::Vec;
 
 use crate::config::TARGET_PAGE_SIZE;
-use crate::ports::{
-    DeviceStateSink, GuestMemory, PageWaiters, Refused, ReturnPath, SendFailed, Stage2,
-};
+use crate::ports::{DeviceStateSink, GuestMemory, PageWaiters, Refused, ReturnPath, SendFailed, Stage2};
 use crate::postcopy::{Engine, EngineConfig, Progress, Shared};
 use crate::wire::command::{Advise, Command, Dialect};
 use crate::wire::discard::{DiscardHeader, DiscardMask, DiscardRange};
@@ -33,19 +31,14 @@ pub struct VecMemory {
 impl GuestMemory for VecMemory {
     fn declare_block(&mut self, index: usize, name: &[u8], len: u64) -> Result<(), Refused> {
         assert_eq!(index, self.blocks.len(), "blocks are declared in order");
-        self.blocks
-            .push((name.to_vec(), std::vec![0; len as usize]));
+        self.blocks.push((name.to_vec(), std::vec![0; len as usize]));
         Ok(())
     }
 
     fn write(&mut self, block: usize, offset: u64, data: &[u8]) {
         let mem = &mut self.blocks[block].1;
         let at = offset as usize;
-        assert!(
-            at + data.len() <= mem.len(),
-            "write outside block {block}: {offset:#x}+{}",
-            data.len()
-        );
+        assert!(at + data.len() <= mem.len(), "write outside block {block}: {offset:#x}+{}", data.len());
         assert_eq!(
             offset / TARGET_PAGE_SIZE,
             (offset + data.len() as u64 - 1) / TARGET_PAGE_SIZE,
@@ -102,8 +95,8 @@ pub struct FakePorts {
     pub stage2: PageMap,
     /// Device state, concatenated.
     pub device_state: Vec<u8>,
-    /// Pages whose waiters were released.
-    pub released: Vec<(usize, u64)>,
+    /// vCPUs released, in order.
+    pub released: Vec<usize>,
 }
 
 impl GuestMemory for FakePorts {
@@ -137,8 +130,8 @@ impl DeviceStateSink for FakePorts {
 }
 
 impl PageWaiters for FakePorts {
-    fn release(&mut self, block: usize, offset: u64) {
-        self.released.push((block, offset));
+    fn release(&mut self, vcpu: usize) {
+        self.released.push(vcpu);
     }
 }
 
@@ -158,9 +151,7 @@ impl ReturnPath for VecReturnPath {
 
 /// Zeroed page bitmaps for `bytes` of guest RAM.
 pub fn bitmap(bytes: u64) -> Vec<AtomicU64> {
-    (0..bytes.div_ceil(64 * TARGET_PAGE_SIZE))
-        .map(|_| AtomicU64::new(0))
-        .collect()
+    (0..bytes.div_ceil(64 * TARGET_PAGE_SIZE)).map(|_| AtomicU64::new(0)).collect()
 }
 
 /// Feeds `stream` to `engine` through a ring of `capacity` bytes, writing at most `chunk`
@@ -189,10 +180,7 @@ pub fn feed_through_ring<R: ReturnPath>(
         len -= progress.consumed;
         consumed += progress.consumed;
         if progress.finished || (written == stream.len() && progress.consumed == 0 && n == 0) {
-            return Ok(Progress {
-                consumed,
-                finished: progress.finished,
-            });
+            return Ok(Progress { consumed, finished: progress.finished });
         }
     }
 }
@@ -203,36 +191,21 @@ pub fn run_stream(stream: &[u8], capacity: usize, chunk: usize) -> Outcome {
 }
 
 /// [`run_stream`] with an engine configuration.
-pub fn run_stream_with(
-    stream: &[u8],
-    capacity: usize,
-    chunk: usize,
-    config: EngineConfig<'_>,
-) -> Outcome {
+pub fn run_stream_with(stream: &[u8], capacity: usize, chunk: usize, config: EngineConfig<'_>) -> Outcome {
     let received = bitmap(8 << 30);
     let requested = bitmap(8 << 30);
     let shared = Shared::new(&received, &requested, VecReturnPath::default());
     let mut engine = Engine::new(&shared, FakePorts::default(), config);
-    let result =
-        feed_through_ring(&mut engine, stream, capacity, chunk).and_then(|p| match p.finished {
-            true => Ok(p),
-            false => engine.end_of_input().map(|end| Progress {
-                consumed: p.consumed,
-                ..end
-            }),
-        });
+    let result = feed_through_ring(&mut engine, stream, capacity, chunk).and_then(|p| match p.finished {
+        true => Ok(p),
+        false => engine.end_of_input().map(|end| Progress { consumed: p.consumed, ..end }),
+    });
     let stats = engine.stats();
     let ports = core::mem::take(engine.ports());
     let state = shared.state.get();
     drop(engine);
     let rp = shared.with_rp(|rp| core::mem::take(&mut rp.port().sent));
-    Outcome {
-        result,
-        stats,
-        ports,
-        rp,
-        state,
-    }
+    Outcome { result, stats, ports, rp, state }
 }
 
 /// What [`run_stream`] observed.
@@ -293,20 +266,13 @@ impl StreamBuilder {
     /// POSTCOPY_ADVISE with the given page sizes.
     pub fn advise(&mut self, host: u64, target: u64) -> &mut Self {
         use zerocopy::byteorder::big_endian::U64;
-        let a = Advise {
-            host_page_size: U64::new(host),
-            target_page_size: U64::new(target),
-        };
+        let a = Advise { host_page_size: U64::new(host), target_page_size: U64::new(target) };
         self.command(Command::Advise(Some(a)))
     }
 
     /// A 7.2 RAM_DISCARD of byte ranges.
     pub fn discard(&mut self, block: &[u8], ranges: &[(u64, u64)]) -> &mut Self {
-        let h = DiscardHeader {
-            block,
-            first_bit_offset: None,
-            entries: ranges.len() as u16,
-        };
+        let h = DiscardHeader { block, first_bit_offset: None, entries: ranges.len() as u16 };
         self.command(Command::RamDiscard(h));
         for &(s, l) in ranges {
             self.put(|w| DiscardRange::emit(s, l, w));
@@ -315,17 +281,9 @@ impl StreamBuilder {
     }
 
     /// A v5 RAM_DISCARD of mask entries.
-    pub fn discard_v5(
-        &mut self,
-        block: &[u8],
-        first_bit_offset: u8,
-        masks: &[(u64, u32)],
-    ) -> &mut Self {
-        let h = DiscardHeader {
-            block,
-            first_bit_offset: Some(first_bit_offset),
-            entries: masks.len() as u16,
-        };
+    pub fn discard_v5(&mut self, block: &[u8], first_bit_offset: u8, masks: &[(u64, u32)]) -> &mut Self {
+        let h =
+            DiscardHeader { block, first_bit_offset: Some(first_bit_offset), entries: masks.len() as u16 };
         self.command(Command::RamDiscard(h));
         for &(s, m) in masks {
             self.put(|w| DiscardMask::emit(s, m, w));
@@ -343,13 +301,7 @@ impl StreamBuilder {
     /// `ram` START with the block list, EOS and footer.
     pub fn ram_start(&mut self, section_id: u32, blocks: &[(&[u8], u64)]) -> &mut Self {
         let total = blocks.iter().map(|b| b.1).sum();
-        let h = FullHeader {
-            start: true,
-            section_id,
-            idstr: b"ram",
-            instance_id: 0,
-            version_id: 4,
-        };
+        let h = FullHeader { start: true, section_id, idstr: b"ram", instance_id: 0, version_id: 4 };
         self.put(|w| h.emit(w));
         self.put(|w| RamRecord::MemSize(total).emit(w));
         for &(name, used_length) in blocks {
@@ -360,24 +312,13 @@ impl StreamBuilder {
 
     /// `ram` PART (or END) header.
     pub fn ram_part(&mut self, section_id: u32, end: bool) -> &mut Self {
-        let kind = if end {
-            SectionType::End
-        } else {
-            SectionType::Part
-        };
+        let kind = if end { SectionType::End } else { SectionType::Part };
         self.put(|w| ShortHeader::emit(kind, section_id, w))
     }
 
     /// A ZERO record (`block` None = CONTINUE).
     pub fn zero(&mut self, block: Option<&[u8]>, offset: u64, fill: u8) -> &mut Self {
-        self.put(|w| {
-            RamRecord::Zero {
-                block,
-                offset,
-                fill,
-            }
-            .emit(w)
-        })
+        self.put(|w| RamRecord::Zero { block, offset, fill }.emit(w))
     }
 
     /// A PAGE record with its payload.
@@ -396,13 +337,7 @@ impl StreamBuilder {
 
     /// A device FULL record with an opaque body and its footer.
     pub fn device(&mut self, section_id: u32, idstr: &[u8], body: &[u8]) -> &mut Self {
-        let h = FullHeader {
-            start: false,
-            section_id,
-            idstr,
-            instance_id: 0,
-            version_id: 1,
-        };
+        let h = FullHeader { start: false, section_id, idstr, instance_id: 0, version_id: 1 };
         self.put(|w| h.emit(w));
         self.bytes.extend_from_slice(body);
         self.put(|w| ShortHeader::emit(SectionType::Footer, section_id, w))
@@ -417,8 +352,7 @@ impl StreamBuilder {
     /// VMDESCRIPTION with its JSON.
     pub fn vmdescription(&mut self, json: &[u8]) -> &mut Self {
         self.bytes.push(SectionType::VmDescription.to_byte());
-        self.bytes
-            .extend_from_slice(&(json.len() as u32).to_be_bytes());
+        self.bytes.extend_from_slice(&(json.len() as u32).to_be_bytes());
         self.bytes.extend_from_slice(json);
         self
     }
@@ -432,9 +366,7 @@ impl StreamBuilder {
 
 /// A page filled with a pattern derived from `seed`.
 pub fn pattern_page(seed: u64) -> Vec<u8> {
-    (0..TARGET_PAGE_SIZE)
-        .map(|i| (seed.wrapping_mul(31).wrapping_add(i * 7) % 251) as u8)
-        .collect()
+    (0..TARGET_PAGE_SIZE).map(|i| (seed.wrapping_mul(31).wrapping_add(i * 7) % 251) as u8).collect()
 }
 
 /// A complete QEMU 7.2-shaped postcopy stream for `pages` pages of `pc.ram` (plus a small
@@ -444,9 +376,7 @@ pub fn postcopy_stream(pages: u64, discarded: core::ops::Range<u64>) -> Vec<u8> 
     let mut s = StreamBuilder::new();
     let ram = pages * TARGET_PAGE_SIZE;
     s.header().configuration(b"pc-i440fx-7.2");
-    s.command(Command::OpenReturnPath)
-        .command(Command::Ping(1))
-        .advise(4096, 4096);
+    s.command(Command::OpenReturnPath).command(Command::Ping(1)).advise(4096, 4096);
     s.ram_start(2, &[(b"pc.ram", ram), (b"pc.bios", 0x4000)]);
     s.ram_part(2, false);
     for p in 0..pages {
@@ -458,26 +388,15 @@ pub fn postcopy_stream(pages: u64, discarded: core::ops::Range<u64>) -> Vec<u8> 
         }
     }
     s.zero(Some(b"pc.bios"), 0, 0).eos(2);
-    let (a, b) = (
-        discarded.start * TARGET_PAGE_SIZE,
-        discarded.end * TARGET_PAGE_SIZE,
-    );
-    s.discard(b"pc.ram", &[(a, b - a)])
-        .command(Command::Ping(2));
+    let (a, b) = (discarded.start * TARGET_PAGE_SIZE, discarded.end * TARGET_PAGE_SIZE);
+    s.discard(b"pc.ram", &[(a, b - a)]).command(Command::Ping(2));
     let mut blob = StreamBuilder::new();
-    blob.command(Command::Listen)
-        .device(3, b"timer", &[1, 2, 3, 4, 5, 6, 7, 8]);
-    blob.device(4, b"globalstate", b"running\0")
-        .command(Command::Ping(3))
-        .command(Command::Run);
+    blob.command(Command::Listen).device(3, b"timer", &[1, 2, 3, 4, 5, 6, 7, 8]);
+    blob.device(4, b"globalstate", b"running\0").command(Command::Ping(3)).command(Command::Run);
     s.packaged(&blob.bytes).command(Command::Ping(4));
     s.ram_part(2, false);
     for p in discarded.clone() {
-        let name: Option<&[u8]> = if p == discarded.start {
-            Some(b"pc.ram")
-        } else {
-            None
-        };
+        let name: Option<&[u8]> = if p == discarded.start { Some(b"pc.ram") } else { None };
         s.page(name, p * TARGET_PAGE_SIZE, &pattern_page(p ^ 0xffff));
     }
     s.eos(2).ram_part(2, true).eos(2).eof();

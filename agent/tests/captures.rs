@@ -20,37 +20,16 @@ fn check(name: &str, main_block: &str, pc_hole: bool, capacity: usize, chunk: us
     assert!(progress.finished);
     assert_eq!(out.state, State::None, "plain precopy never leaves NONE");
     assert_eq!(out.stats.bytes, stream.len() as u64, "every byte consumed");
-    assert!(
-        out.rp.is_empty(),
-        "no return path in a plain precopy stream"
-    );
-    let (_, ram) = out
-        .ports
-        .memory
-        .blocks
-        .iter()
-        .find(|(n, _)| n == main_block.as_bytes())
-        .unwrap();
+    assert!(out.rp.is_empty(), "no return path in a plain precopy stream");
+    let (_, ram) = out.ports.memory.blocks.iter().find(|(n, _)| n == main_block.as_bytes()).unwrap();
     let mut ram = ram.clone();
     if pc_hole {
         ram[LEGACY_HOLE_START as usize..LEGACY_HOLE_END as usize].fill(0);
     }
-    assert_eq!(
-        format!("{:x}", Sha256::digest(&ram)),
-        expected,
-        "{name}: RAM differs from the source's"
-    );
-    let total_pages: u64 = out
-        .ports
-        .memory
-        .blocks
-        .iter()
-        .map(|(_, d)| d.len() as u64 / TARGET_PAGE_SIZE)
-        .sum();
-    assert!(
-        out.stats.pages + out.stats.zero_pages >= total_pages,
-        "every page arrived at least once"
-    );
+    assert_eq!(format!("{:x}", Sha256::digest(&ram)), expected, "{name}: RAM differs from the source's");
+    let total_pages: u64 =
+        out.ports.memory.blocks.iter().map(|(_, d)| d.len() as u64 / TARGET_PAGE_SIZE).sum();
+    assert!(out.stats.pages + out.stats.zero_pages >= total_pages, "every page arrived at least once");
     assert!(out.stats.device_state_bytes > 0);
 }
 

@@ -2,10 +2,12 @@
 //! and the fault → request → wait → release protocol.
 
 use agent::config::TARGET_PAGE_SIZE;
-use agent::postcopy::{Engine, EngineConfig, Fault, FaultError, Shared, State};
+use std::sync::atomic::Ordering;
+
+use agent::postcopy::{Access, Engine, EngineConfig, Fault, FaultError, Shared, State};
 use agent::testing::{
-    bitmap, feed_through_ring, pattern_page, postcopy_stream, run_stream, run_stream_with,
-    FakePorts, StreamBuilder, VecReturnPath,
+    bitmap, feed_through_ring, pattern_page, postcopy_stream, run_stream, run_stream_with, FakePorts,
+    StreamBuilder, VecReturnPath,
 };
 use agent::wire::command::{Command, Dialect};
 use agent::wire::return_path::RpMessage;
@@ -51,27 +53,16 @@ fn postcopy_stream_completes_with_the_right_ram_and_return_path() {
     assert_eq!(out.ports.memory.blocks[0].1, expected_ram(10..20));
     assert_eq!(out.stats.discarded_pages, 10);
     assert_eq!(out.stats.pages + out.stats.zero_pages, PAGES + 1 + 10);
-    assert_eq!(
-        out.ports.stage2.flushes, 1,
-        "one flush for one RAM_DISCARD command"
-    );
+    assert_eq!(out.ports.stage2.flushes, 1, "one flush for one RAM_DISCARD command");
     assert_eq!(out.ports.stage2.unflushed, 0);
     // Every pc.ram page is mapped at its guest-physical address, pc.bios below 4 GiB.
     for p in 0..PAGES {
-        assert_eq!(
-            out.ports.stage2.mapped.get(&(p * TARGET_PAGE_SIZE)),
-            Some(&(0, p * TARGET_PAGE_SIZE))
-        );
+        assert_eq!(out.ports.stage2.mapped.get(&(p * TARGET_PAGE_SIZE)), Some(&(0, p * TARGET_PAGE_SIZE)));
     }
-    assert_eq!(
-        out.ports.stage2.mapped.get(&((4 << 30) - 0x4000)),
-        Some(&(1, 0))
-    );
+    assert_eq!(out.ports.stage2.mapped.get(&((4 << 30) - 0x4000)), Some(&(1, 0)));
     // Device state is the blob between LISTEN and PING(3), byte for byte.
     let mut devices = StreamBuilder::new();
-    devices
-        .device(3, b"timer", &[1, 2, 3, 4, 5, 6, 7, 8])
-        .device(4, b"globalstate", b"running\0");
+    devices.device(3, b"timer", &[1, 2, 3, 4, 5, 6, 7, 8]).device(4, b"globalstate", b"running\0");
     assert_eq!(out.ports.device_state, devices.bytes);
 }
 
@@ -84,10 +75,7 @@ fn every_split_point_gives_the_same_result() {
     for capacity in [520, 777, 4096, 4103, 9000] {
         for chunk in [1, 3, 64, 511, 4097] {
             let split = run_stream(&stream, capacity, chunk);
-            assert_eq!(
-                split.result, whole.result,
-                "capacity {capacity} chunk {chunk}"
-            );
+            assert_eq!(split.result, whole.result, "capacity {capacity} chunk {chunk}");
             assert_eq!(split.ports.memory.blocks, whole.ports.memory.blocks);
             assert_eq!(split.ports.device_state, whole.ports.device_state);
             assert_eq!(split.rp, whole.rp);
@@ -110,94 +98,61 @@ fn faults_request_once_wait_and_are_released_when_the_page_is_mapped() {
     let (received, requested) = (bitmap(8 << 30), bitmap(8 << 30));
     let shared = Shared::new(&received, &requested, VecReturnPath::default());
     let mut engine = Engine::new(&shared, FakePorts::default(), EngineConfig::default());
-    assert!(
-        !feed_through_ring(&mut engine, before, 1 << 20, 1 << 20)
-            .unwrap()
-            .finished
-    );
+    assert!(!feed_through_ring(&mut engine, before, 1 << 20, 1 << 20).unwrap().finished);
     assert_eq!(shared.state.get(), State::Running);
 
     let page = |p: u64| p * TARGET_PAGE_SIZE;
+    let fault = |gpa, vcpu| shared.on_guest_fault(gpa, Access::Read, vcpu);
+    assert_eq!(fault(page(3) + 8, 0), Ok(Fault::Resume), "received in precopy");
+    // vCPUs 0 and 1 wait on page 12, vCPU 2 on page 15; vCPU 3 writes page 12 too.
+    assert_eq!(fault(page(12) + 100, 0), Ok(Fault::Wait { block: 0, offset: page(12) }));
+    assert_eq!(fault(page(12), 1), Ok(Fault::Wait { block: 0, offset: page(12) }));
+    assert_eq!(fault(page(15), 2), Ok(Fault::Wait { block: 0, offset: page(15) }));
     assert_eq!(
-        shared.on_guest_fault(page(3) + 8),
-        Ok(Fault::Resume),
-        "received in precopy"
+        shared.on_guest_fault(page(12), Access::Write, 3),
+        Ok(Fault::Wait { block: 0, offset: page(12) })
     );
-    assert_eq!(
-        shared.on_guest_fault(page(12) + 100),
-        Ok(Fault::Wait {
-            block: 0,
-            offset: page(12)
-        })
-    );
-    assert_eq!(
-        shared.on_guest_fault(page(12)),
-        Ok(Fault::Wait {
-            block: 0,
-            offset: page(12)
-        })
-    );
-    assert_eq!(
-        shared.on_guest_fault(page(15)),
-        Ok(Fault::Wait {
-            block: 0,
-            offset: page(15)
-        })
-    );
-    assert_eq!(
-        shared.on_guest_fault(0xb8000),
-        Err(FaultError::OutsideGuestRam { gpa: 0xb8000 })
-    );
-    assert_eq!(
-        shared.on_guest_fault(page(PAGES)),
-        Err(FaultError::OutsideGuestRam { gpa: page(PAGES) })
-    );
+    assert_eq!(fault(0xb8000, 4), Err(FaultError::OutsideGuestRam { gpa: 0xb8000 }));
+    assert_eq!(fault(page(PAGES), 4), Err(FaultError::OutsideGuestRam { gpa: page(PAGES) }));
+    assert_eq!(fault(page(1), 64), Err(FaultError::NoSuchVcpu { vcpu: 64 }));
     let sent = shared.with_rp(|rp| rp_messages(&rp.port().sent));
     assert_eq!(
         &sent[4..],
         [
-            format!(
-                "ReqPagesId {{ start: {}, len: 4096, block: [112, 99, 46, 114, 97, 109] }}",
-                page(12)
-            ),
+            format!("ReqPagesId {{ start: {}, len: 4096, block: [112, 99, 46, 114, 97, 109] }}", page(12)),
             format!("ReqPages {{ start: {}, len: 4096 }}", page(15)),
         ],
         "one request per missing page, REQ_PAGES_ID first, REQ_PAGES for the same block"
     );
-    assert_eq!(
-        shared
-            .counters
-            .requests
-            .load(std::sync::atomic::Ordering::Relaxed),
-        2
-    );
+    assert_eq!(shared.counters.requests.load(Ordering::Relaxed), 2);
+    assert_eq!(shared.counters.write_faults.load(Ordering::Relaxed), 1);
 
-    assert!(
-        feed_through_ring(&mut engine, after, 1 << 20, 1 << 20)
-            .unwrap()
-            .finished
-    );
-    let released = &engine.ports().released;
-    assert_eq!(
-        released,
-        &[(0, page(12)), (0, page(15))],
-        "each requested page released once"
-    );
-    assert_eq!(shared.on_guest_fault(page(12)), Ok(Fault::Resume));
+    assert!(feed_through_ring(&mut engine, after, 1 << 20, 1 << 20).unwrap().finished);
+    let mut released = engine.ports().released.clone();
+    released.sort();
+    assert_eq!(released, [0, 1, 2, 3], "every parked vCPU released exactly once");
+    assert_eq!(fault(page(12), 0), Ok(Fault::Resume));
+}
+
+#[test]
+fn a_page_that_arrives_before_the_park_resumes_without_a_release() {
+    let stream = postcopy_stream(PAGES, 10..20);
+    let (before, after) = split_at_run(&stream);
+    let (received, requested) = (bitmap(8 << 30), bitmap(8 << 30));
+    let shared = Shared::new(&received, &requested, VecReturnPath::default());
+    let mut engine = Engine::new(&shared, FakePorts::default(), EngineConfig::default());
+    feed_through_ring(&mut engine, before, 1 << 20, 1 << 20).unwrap();
+    feed_through_ring(&mut engine, after, 1 << 20, 1 << 20).unwrap();
+    assert_eq!(shared.on_guest_fault(12 * TARGET_PAGE_SIZE, Access::Execute, 0), Ok(Fault::Resume));
+    assert!(engine.ports().released.is_empty());
 }
 
 #[test]
 fn precopy_completion_after_advise_stays_in_advise_and_shuts_after_vmdescription() {
     let mut s = StreamBuilder::new();
-    s.header()
-        .configuration(b"pc-q35-7.2")
-        .command(Command::OpenReturnPath)
-        .command(Command::Ping(1));
-    s.advise(4096, 4096)
-        .ram_start(5, &[(b"pc.ram", 4 * TARGET_PAGE_SIZE)]);
-    s.ram_part(5, true)
-        .page(Some(b"pc.ram"), 0, &pattern_page(1))
-        .zero(None, 4096, 0);
+    s.header().configuration(b"pc-q35-7.2").command(Command::OpenReturnPath).command(Command::Ping(1));
+    s.advise(4096, 4096).ram_start(5, &[(b"pc.ram", 4 * TARGET_PAGE_SIZE)]);
+    s.ram_part(5, true).page(Some(b"pc.ram"), 0, &pattern_page(1)).zero(None, 4096, 0);
     s.zero(None, 8192, 0).zero(None, 12288, 7).eos(5);
     s.device(9, b"cpu", &[0x55; 40])
         .device(10, b"apic", &[0xaa; 20])
@@ -208,87 +163,44 @@ fn precopy_completion_after_advise_stays_in_advise_and_shuts_after_vmdescription
     assert_eq!(out.state, State::Advise);
     assert_eq!(rp_messages(&out.rp), ["Pong(1)", "Shut(0)"]);
     assert_eq!(&out.ports.memory.blocks[0].1[..4096], &pattern_page(1)[..]);
-    assert!(
-        out.ports.memory.blocks[0].1[12288..]
-            .iter()
-            .all(|&b| b == 7),
-        "ZERO's fill byte is honoured"
-    );
+    assert!(out.ports.memory.blocks[0].1[12288..].iter().all(|&b| b == 7), "ZERO's fill byte is honoured");
     let mut devices = StreamBuilder::new();
-    devices
-        .device(9, b"cpu", &[0x55; 40])
-        .device(10, b"apic", &[0xaa; 20]);
+    devices.device(9, b"cpu", &[0x55; 40]).device(10, b"apic", &[0xaa; 20]);
     assert_eq!(out.ports.device_state, devices.bytes);
 }
 
 #[test]
 fn continue_lasts_across_sections() {
     let mut s = StreamBuilder::new();
-    s.header().ram_start(
-        2,
-        &[(b"a", 2 * TARGET_PAGE_SIZE), (b"b", 2 * TARGET_PAGE_SIZE)],
-    );
-    s.ram_part(2, false)
-        .page(Some(b"b"), 0, &pattern_page(9))
-        .eos(2);
-    s.ram_part(2, true)
-        .page(None, 4096, &pattern_page(10))
-        .eos(2)
-        .eof();
+    s.header().ram_start(2, &[(b"a", 2 * TARGET_PAGE_SIZE), (b"b", 2 * TARGET_PAGE_SIZE)]);
+    s.ram_part(2, false).page(Some(b"b"), 0, &pattern_page(9)).eos(2);
+    s.ram_part(2, true).page(None, 4096, &pattern_page(10)).eos(2).eof();
     let out = run_stream(&s.bytes, 1 << 16, 1 << 16);
     out.result.unwrap();
-    assert_eq!(
-        &out.ports.memory.blocks[1].1[4096..],
-        &pattern_page(10)[..],
-        "CONTINUE went to block b"
-    );
+    assert_eq!(&out.ports.memory.blocks[1].1[4096..], &pattern_page(10)[..], "CONTINUE went to block b");
     assert!(out.ports.memory.blocks[0].1.iter().all(|&b| b == 0));
 }
 
 #[test]
 fn seed_v5_dialect_with_semi_sparse_discard() {
-    let mut s = StreamBuilder {
-        dialect: Dialect::SeedV5,
-        ..Default::default()
-    };
-    s.header()
-        .command(Command::OpenReturnPath)
-        .advise(4096, 4096);
-    s.ram_start(2, &[(b"pc.ram", 64 * TARGET_PAGE_SIZE)])
-        .ram_part(2, false);
+    let mut s = StreamBuilder { dialect: Dialect::SeedV5, ..Default::default() };
+    s.header().command(Command::OpenReturnPath).advise(4096, 4096);
+    s.ram_start(2, &[(b"pc.ram", 64 * TARGET_PAGE_SIZE)]).ram_part(2, false);
     for p in 0..64 {
-        s.page(
-            if p == 0 { Some(b"pc.ram") } else { None },
-            p * TARGET_PAGE_SIZE,
-            &pattern_page(p),
-        );
+        s.page(if p == 0 { Some(b"pc.ram") } else { None }, p * TARGET_PAGE_SIZE, &pattern_page(p));
     }
     s.eos(2);
     // first_bit_offset 0; pages 3, 4, 5 and 40 discarded.
     s.discard_v5(b"pc.ram", 0, &[(0, 0b111000), (32, 1 << 8)]);
-    s.command(Command::Listen)
-        .command(Command::Run)
-        .command(Command::PostcopyEnd(0))
-        .eof();
-    let v5 = EngineConfig {
-        dialect: Dialect::SeedV5,
-        machine: None,
-    };
+    s.command(Command::Listen).command(Command::Run).command(Command::PostcopyEnd(0)).eof();
+    let v5 = EngineConfig { dialect: Dialect::SeedV5, machine: None };
     let out = run_stream_with(&s.bytes, 1 << 20, 1 << 20, v5);
     assert!(out.result.unwrap().finished);
     assert_eq!(out.stats.discarded_pages, 4);
     assert_eq!(out.state, State::End);
-    let mapped = |p: u64| {
-        out.ports
-            .stage2
-            .mapped
-            .contains_key(&(p * TARGET_PAGE_SIZE))
-    };
+    let mapped = |p: u64| out.ports.stage2.mapped.contains_key(&(p * TARGET_PAGE_SIZE));
     assert!(mapped(2) && !mapped(3) && !mapped(5) && mapped(6) && !mapped(40) && mapped(41));
     // v5 numbers: ADVISE is 20; a 7.2 destination refuses it as an unknown command.
     let as_72 = run_stream(&s.bytes, 1 << 20, 1 << 20).result.unwrap_err();
-    assert_eq!(
-        (as_72.field, as_72.defect),
-        (Field::CommandId, Defect::Unknown { found: 20 })
-    );
+    assert_eq!((as_72.field, as_72.defect), (Field::CommandId, Defect::Unknown { found: 20 }));
 }

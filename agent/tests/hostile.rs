@@ -12,24 +12,11 @@ use agent::{Defect, Error, Field};
 /// A stream with the return path open, ADVISE, 4 pages of `pc.ram` received in precopy.
 fn setup() -> StreamBuilder {
     let mut s = StreamBuilder::new();
-    s.header()
-        .configuration(b"pc-i440fx-7.2")
-        .command(Command::OpenReturnPath)
-        .advise(4096, 4096);
-    s.ram_start(
-        2,
-        &[
-            (b"pc.ram", 16 * TARGET_PAGE_SIZE),
-            (b"pc.bios", 2 * TARGET_PAGE_SIZE),
-        ],
-    );
+    s.header().configuration(b"pc-i440fx-7.2").command(Command::OpenReturnPath).advise(4096, 4096);
+    s.ram_start(2, &[(b"pc.ram", 16 * TARGET_PAGE_SIZE), (b"pc.bios", 2 * TARGET_PAGE_SIZE)]);
     s.ram_part(2, false);
     for p in 0..4 {
-        s.page(
-            if p == 0 { Some(b"pc.ram") } else { None },
-            p * TARGET_PAGE_SIZE,
-            &pattern_page(p),
-        );
+        s.page(if p == 0 { Some(b"pc.ram") } else { None }, p * TARGET_PAGE_SIZE, &pattern_page(p));
     }
     s.eos(2);
     s
@@ -46,19 +33,11 @@ fn check(stream: &[u8], field: Field, defect: Defect) -> Error {
     let (err, out) = fails(stream);
     assert_eq!((err.field, err.defect), (field, defect), "{err}");
     assert!(err.offset < stream.len() as u64);
-    assert_eq!(
-        out.rp.last().map(Vec::as_slice),
-        Some(&[0, 1, 0, 4, 0, 0, 0, 1][..]),
-        "SHUT(1) last"
-    );
+    assert_eq!(out.rp.last().map(Vec::as_slice), Some(&[0, 1, 0, 4, 0, 0, 0, 1][..]), "SHUT(1) last");
     if let Some((_, ram)) = out.ports.memory.blocks.first() {
         for p in 0..4u64 {
             let at = (p * TARGET_PAGE_SIZE) as usize;
-            assert_eq!(
-                &ram[at..at + 4096],
-                &pattern_page(p)[..],
-                "received page {p} intact"
-            );
+            assert_eq!(&ram[at..at + 4096], &pattern_page(p)[..], "received page {p} intact");
         }
     }
     err
@@ -74,10 +53,7 @@ fn truncation_anywhere_is_a_typed_error() {
         let out = run_stream(&stream[..cut], 300 + cut % 700, 1 + cut % 97);
         let err = out.result.expect_err("truncated");
         assert_eq!(err.defect, Defect::Truncated, "cut at {cut}: {err}");
-        assert!(
-            matches!(err.field, Field::EndOfStream | Field::Packaged),
-            "cut at {cut}: {err}"
-        );
+        assert!(matches!(err.field, Field::EndOfStream | Field::Packaged), "cut at {cut}: {err}");
         assert!(err.offset <= cut as u64);
     }
 }
@@ -87,16 +63,7 @@ fn bad_magic_and_version() {
     let (e, _) = fails(b"QEVN\x00\x00\x00\x03");
     assert_eq!((e.field, e.offset), (Field::Magic, 0));
     let (e, _) = fails(b"QEVM\x00\x00\x00\x02");
-    assert_eq!(
-        (e.field, e.defect),
-        (
-            Field::Version,
-            Defect::BadValue {
-                found: 2,
-                expected: 3
-            }
-        )
-    );
+    assert_eq!((e.field, e.defect), (Field::Version, Defect::BadValue { found: 2, expected: 3 }));
 }
 
 #[test]
@@ -118,24 +85,10 @@ fn unknown_record_types() {
 fn wrong_fixed_lengths() {
     let mut s = setup();
     s.raw(&[0x08, 0, 2, 0, 5, 0, 0, 0, 1, 0]);
-    check(
-        &s.bytes,
-        Field::CommandLength,
-        Defect::BadValue {
-            found: 5,
-            expected: 4,
-        },
-    );
+    check(&s.bytes, Field::CommandLength, Defect::BadValue { found: 5, expected: 4 });
     let mut s = setup();
     s.raw(&[0x08, 0, 5, 0, 1, 0]);
-    check(
-        &s.bytes,
-        Field::CommandLength,
-        Defect::BadValue {
-            found: 1,
-            expected: 0,
-        },
-    );
+    check(&s.bytes, Field::CommandLength, Defect::BadValue { found: 1, expected: 0 });
 }
 
 #[test]
@@ -151,9 +104,7 @@ fn commands_in_the_wrong_state() {
     s.command(Command::Listen).discard(b"pc.ram", &[(0, 4096)]);
     check(&s.bytes, Field::CommandId, wrong(State::Listening));
     let mut s = StreamBuilder::new();
-    s.header()
-        .command(Command::OpenReturnPath)
-        .command(Command::Listen);
+    s.header().command(Command::OpenReturnPath).command(Command::Listen);
     check(&s.bytes, Field::CommandId, wrong(State::None));
     // EOF between LISTEN and RUN: the guest never ran.
     let mut s = setup();
@@ -166,102 +117,46 @@ fn ping_without_return_path() {
     let mut s = StreamBuilder::new();
     s.header().command(Command::Ping(1));
     let (e, out) = fails(&s.bytes);
-    assert_eq!(
-        (e.field, e.defect),
-        (Field::CommandId, Defect::NoReturnPath)
-    );
+    assert_eq!((e.field, e.defect), (Field::CommandId, Defect::NoReturnPath));
     assert!(out.rp.is_empty(), "no return path: nothing sent");
 }
 
 #[test]
 fn advise_with_other_page_sizes() {
     let mut s = StreamBuilder::new();
-    s.header()
-        .command(Command::OpenReturnPath)
-        .advise(0x20_1000, 4096);
-    check(
-        &s.bytes,
-        Field::AdviseHostPageSize,
-        Defect::BadValue {
-            found: 0x20_1000,
-            expected: 4096,
-        },
-    );
+    s.header().command(Command::OpenReturnPath).advise(0x20_1000, 4096);
+    check(&s.bytes, Field::AdviseHostPageSize, Defect::BadValue { found: 0x20_1000, expected: 4096 });
     let mut s = StreamBuilder::new();
-    s.header()
-        .command(Command::OpenReturnPath)
-        .advise(4096, 8192);
-    check(
-        &s.bytes,
-        Field::AdviseTargetPageSize,
-        Defect::BadValue {
-            found: 8192,
-            expected: 4096,
-        },
-    );
+    s.header().command(Command::OpenReturnPath).advise(4096, 8192);
+    check(&s.bytes, Field::AdviseTargetPageSize, Defect::BadValue { found: 8192, expected: 4096 });
 }
 
 #[test]
 fn discard_ranges_misaligned_or_outside_the_block() {
     let mut s = setup();
     s.discard(b"pc.ram", &[(0x800, 4096)]);
-    check(
-        &s.bytes,
-        Field::DiscardStart,
-        Defect::Misaligned {
-            value: 0x800,
-            align: 4096,
-        },
-    );
+    check(&s.bytes, Field::DiscardStart, Defect::Misaligned { value: 0x800, align: 4096 });
     let mut s = setup();
     s.discard(b"pc.ram", &[(0, 100)]);
-    check(
-        &s.bytes,
-        Field::DiscardLength,
-        Defect::Misaligned {
-            value: 100,
-            align: 4096,
-        },
-    );
+    check(&s.bytes, Field::DiscardLength, Defect::Misaligned { value: 100, align: 4096 });
     let mut s = setup();
     s.discard(b"pc.ram", &[(0x8000, 0x9000)]);
-    check(
-        &s.bytes,
-        Field::DiscardLength,
-        Defect::OutOfRange {
-            start: 0x8000,
-            len: 0x9000,
-            limit: 0x10000,
-        },
-    );
+    check(&s.bytes, Field::DiscardLength, Defect::OutOfRange { start: 0x8000, len: 0x9000, limit: 0x10000 });
     let mut s = setup();
     s.discard(b"pc.ram", &[(u64::MAX - 0xfff, 0x2000)]);
     check(
         &s.bytes,
         Field::DiscardLength,
-        Defect::OutOfRange {
-            start: u64::MAX - 0xfff,
-            len: 0x2000,
-            limit: 0x10000,
-        },
+        Defect::OutOfRange { start: u64::MAX - 0xfff, len: 0x2000, limit: 0x10000 },
     );
     // A v5 mask bit before the block start.
-    let mut s = StreamBuilder {
-        dialect: agent::wire::command::Dialect::SeedV5,
-        ..Default::default()
-    };
-    s.header()
-        .advise(4096, 4096)
-        .ram_start(2, &[(b"ram", 0x10000)])
-        .discard_v5(b"ram", 4, &[(0, 0b1)]);
+    let mut s = StreamBuilder { dialect: agent::wire::command::Dialect::SeedV5, ..Default::default() };
+    s.header().advise(4096, 4096).ram_start(2, &[(b"ram", 0x10000)]).discard_v5(b"ram", 4, &[(0, 0b1)]);
     let out = agent::testing::run_stream_with(
         &s.bytes,
         4096,
         4096,
-        agent::postcopy::EngineConfig {
-            dialect: agent::wire::command::Dialect::SeedV5,
-            machine: None,
-        },
+        agent::postcopy::EngineConfig { dialect: agent::wire::command::Dialect::SeedV5, machine: None },
     );
     assert_eq!(out.result.unwrap_err().field, Field::DiscardStart);
 }
@@ -272,55 +167,32 @@ fn unknown_block_names() {
     s.discard(b"nosuch", &[(0, 4096)]);
     check(&s.bytes, Field::DiscardBlockName, Defect::UnknownBlock);
     let mut s = setup();
-    s.ram_part(2, false)
-        .page(Some(b"nosuch"), 0, &pattern_page(0));
+    s.ram_part(2, false).page(Some(b"nosuch"), 0, &pattern_page(0));
     check(&s.bytes, Field::RamBlockName, Defect::UnknownBlock);
 }
 
 #[test]
 fn page_offsets_beyond_a_block() {
     let mut s = setup();
-    s.ram_part(2, false)
-        .page(Some(b"pc.bios"), 2 * TARGET_PAGE_SIZE, &pattern_page(0));
-    check(
-        &s.bytes,
-        Field::RamOffset,
-        Defect::OutOfRange {
-            start: 0x2000,
-            len: 0x1000,
-            limit: 0x2000,
-        },
-    );
+    s.ram_part(2, false).page(Some(b"pc.bios"), 2 * TARGET_PAGE_SIZE, &pattern_page(0));
+    check(&s.bytes, Field::RamOffset, Defect::OutOfRange { start: 0x2000, len: 0x1000, limit: 0x2000 });
     let mut s = setup();
-    s.ram_part(2, false)
-        .zero(Some(b"pc.ram"), 0xffff_ffff_ffff_f000, 0);
+    s.ram_part(2, false).zero(Some(b"pc.ram"), 0xffff_ffff_ffff_f000, 0);
     check(
         &s.bytes,
         Field::RamOffset,
-        Defect::OutOfRange {
-            start: 0xffff_ffff_ffff_f000,
-            len: 0x1000,
-            limit: 0x10000,
-        },
+        Defect::OutOfRange { start: 0xffff_ffff_ffff_f000, len: 0x1000, limit: 0x10000 },
     );
 }
 
 #[test]
 fn continue_with_no_previous_block() {
     let mut s = StreamBuilder::new();
-    s.header()
-        .command(Command::OpenReturnPath)
-        .ram_start(2, &[(b"pc.ram", 0x10000)]);
+    s.header().command(Command::OpenReturnPath).ram_start(2, &[(b"pc.ram", 0x10000)]);
     s.ram_part(2, false).zero(None, 0, 0);
     let (e, out) = fails(&s.bytes);
-    assert_eq!(
-        (e.field, e.defect),
-        (Field::RamBlockName, Defect::NoPreviousBlock)
-    );
-    assert!(
-        out.ports.memory.blocks[0].1.iter().all(|&b| b == 0),
-        "nothing written"
-    );
+    assert_eq!((e.field, e.defect), (Field::RamBlockName, Defect::NoPreviousBlock));
+    assert!(out.ports.memory.blocks[0].1.iter().all(|&b| b == 0), "nothing written");
 }
 
 #[test]
@@ -332,36 +204,18 @@ fn packaged_too_long_for_the_stream_or_over_the_cap() {
     let mut s = setup();
     s.command(Command::Packaged(MAX_PACKAGED_LEN + 1));
     let len = u64::from(MAX_PACKAGED_LEN) + 1;
-    check(
-        &s.bytes,
-        Field::Packaged,
-        Defect::TooLong {
-            len,
-            cap: MAX_PACKAGED_LEN.into(),
-        },
-    );
+    check(&s.bytes, Field::Packaged, Defect::TooLong { len, cap: MAX_PACKAGED_LEN.into() });
     // A blob whose records do not end with RUN, and one where RUN is not last.
     let mut blob = StreamBuilder::new();
-    blob.command(Command::Listen)
-        .device(7, b"timer", &[0; 16])
-        .command(Command::Ping(3));
+    blob.command(Command::Listen).device(7, b"timer", &[0; 16]).command(Command::Ping(3));
     let mut s = setup();
     s.packaged(&blob.bytes).eof();
     check(&s.bytes, Field::Packaged, Defect::Unknown { found: 3 });
     let mut blob = StreamBuilder::new();
-    blob.command(Command::Listen)
-        .command(Command::Run)
-        .command(Command::Ping(3));
+    blob.command(Command::Listen).command(Command::Run).command(Command::Ping(3));
     let mut s = setup();
     s.packaged(&blob.bytes).eof();
-    check(
-        &s.bytes,
-        Field::Packaged,
-        Defect::BadValue {
-            found: 9,
-            expected: 0,
-        },
-    );
+    check(&s.bytes, Field::Packaged, Defect::BadValue { found: 9, expected: 0 });
 }
 
 #[test]
@@ -381,17 +235,8 @@ fn unknown_flag_bits() {
 #[test]
 fn footer_and_section_id_mismatches() {
     let mut s = setup();
-    s.ram_part(2, false)
-        .raw(&0x10u64.to_be_bytes())
-        .raw(&[0x7e, 0, 0, 0, 3]);
-    check(
-        &s.bytes,
-        Field::SectionFooter,
-        Defect::BadValue {
-            found: 3,
-            expected: 2,
-        },
-    );
+    s.ram_part(2, false).raw(&0x10u64.to_be_bytes()).raw(&[0x7e, 0, 0, 0, 3]);
+    check(&s.bytes, Field::SectionFooter, Defect::BadValue { found: 3, expected: 2 });
     let mut s = setup();
     s.ram_part(9, false);
     check(&s.bytes, Field::SectionId, Defect::Unknown { found: 9 });
@@ -403,10 +248,7 @@ fn a_page_after_run_never_overwrites_a_present_page() {
     let mut s = setup();
     let mut blob = StreamBuilder::new();
     blob.command(Command::Listen).command(Command::Run);
-    s.packaged(&blob.bytes)
-        .ram_part(2, false)
-        .page(Some(b"pc.ram"), 0, &[0xee; 4096])
-        .eos(2);
+    s.packaged(&blob.bytes).ram_part(2, false).page(Some(b"pc.ram"), 0, &[0xee; 4096]).eos(2);
     s.ram_part(2, true).eos(2).eof();
     let out = run_stream(&s.bytes, 1 << 16, 1 << 16);
     assert!(out.result.unwrap().finished);

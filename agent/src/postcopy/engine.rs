@@ -129,9 +129,7 @@ impl<'s, 'a, 'c, R: ReturnPath, P: StreamPorts> Engine<'s, 'a, 'c, R, P> {
             let (f, s) = skip(first, second, consumed);
             let step = self.decoder.next(f, s).and_then(|step| match step {
                 Step::NeedMore => Ok(None),
-                Step::Record { record, at, len } => {
-                    self.core.handle(record, at).map(|()| Some(len))
-                }
+                Step::Record { record, at, len } => self.core.handle(record, at).map(|()| Some(len)),
             });
             match step {
                 Ok(Some(len)) => {
@@ -142,10 +140,7 @@ impl<'s, 'a, 'c, R: ReturnPath, P: StreamPorts> Engine<'s, 'a, 'c, R, P> {
                 Err(e) => return Err(self.core.fail(e)),
             }
         }
-        Ok(Progress {
-            consumed,
-            finished: self.core.finished,
-        })
+        Ok(Progress { consumed, finished: self.core.finished })
     }
 
     /// The input ended (the connection closed, or the replayed file ended).
@@ -160,10 +155,7 @@ impl<'s, 'a, 'c, R: ReturnPath, P: StreamPorts> Engine<'s, 'a, 'c, R, P> {
                 Err(e) => return Err(self.core.fail(e)),
             }
         }
-        Ok(Progress {
-            consumed: 0,
-            finished: true,
-        })
+        Ok(Progress { consumed: 0, finished: true })
     }
 
     /// Counters so far.
@@ -223,10 +215,7 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
             Record::ConfigSubsection(ConfigSubsection::TargetPageBits(bits)) => {
                 if bits != TARGET_PAGE_BITS {
                     let (found, expected) = (bits.into(), TARGET_PAGE_BITS.into());
-                    return err(
-                        Field::ConfigSubsection,
-                        Defect::BadValue { found, expected },
-                    );
+                    return err(Field::ConfigSubsection, Defect::BadValue { found, expected });
                 }
                 Ok(())
             }
@@ -255,12 +244,7 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
             }
             Record::DeviceSection(_) => {
                 if matches!(self.shared.state.get(), State::Listening | State::Running) {
-                    return err(
-                        Field::SectionType,
-                        Defect::WrongState {
-                            state: self.shared.state.get(),
-                        },
-                    );
+                    return err(Field::SectionType, Defect::WrongState { state: self.shared.state.get() });
                 }
                 Ok(())
             }
@@ -278,10 +262,7 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
                 Ok(())
             }
             Record::VmDescriptionData(piece) => {
-                let left = self
-                    .vmdescription_left
-                    .unwrap_or(0)
-                    .saturating_sub(piece.len() as u32);
+                let left = self.vmdescription_left.unwrap_or(0).saturating_sub(piece.len() as u32);
                 self.vmdescription_left = Some(left);
                 if left == 0 {
                     self.complete(at)?;
@@ -294,14 +275,8 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
     /// Section headers need no action; a START (block list) after LISTEN is refused.
     fn check_setup_state(&self, record: Record<'_>, at: u64) -> Handled {
         let state = self.shared.state.get();
-        if matches!(record, Record::RamStart { .. })
-            && matches!(state, State::Listening | State::Running)
-        {
-            return Err(Error::new(
-                at,
-                Field::SectionType,
-                Defect::WrongState { state },
-            ));
+        if matches!(record, Record::RamStart { .. }) && matches!(state, State::Listening | State::Running) {
+            return Err(Error::new(at, Field::SectionType, Defect::WrongState { state }));
         }
         Ok(())
     }
@@ -325,59 +300,37 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
                 if let Some(sizes) = sizes {
                     let host = sizes.host_page_size.get();
                     if host != HOST_PAGE_SIZE {
-                        let d = Defect::BadValue {
-                            found: host,
-                            expected: HOST_PAGE_SIZE,
-                        };
+                        let d = Defect::BadValue { found: host, expected: HOST_PAGE_SIZE };
                         return Err(Error::new(at, Field::AdviseHostPageSize, d));
                     }
                     let target = sizes.target_page_size.get();
                     if target != TARGET_PAGE_SIZE {
-                        let d = Defect::BadValue {
-                            found: target,
-                            expected: TARGET_PAGE_SIZE,
-                        };
+                        let d = Defect::BadValue { found: target, expected: TARGET_PAGE_SIZE };
                         return Err(Error::new(at, Field::AdviseTargetPageSize, d));
                     }
                 }
                 state.transition(State::None, State::Advise).map_err(wrong)
             }
             Command::RamDiscard(h) => {
-                state
-                    .transition_from_any(&[State::Advise, State::Discard], State::Discard)
-                    .map_err(wrong)?;
+                state.transition_from_any(&[State::Advise, State::Discard], State::Discard).map_err(wrong)?;
                 let block = self.block_named(h.block, at, Field::DiscardBlockName)?;
-                self.discard = Some(PendingDiscard {
-                    block,
-                    first_bit_offset: h.first_bit_offset.unwrap_or(0),
-                });
+                self.discard =
+                    Some(PendingDiscard { block, first_bit_offset: h.first_bit_offset.unwrap_or(0) });
                 Ok(())
             }
             Command::Listen => state
                 .transition_from_any(&[State::Advise, State::Discard], State::Listening)
                 .map(|_| ())
                 .map_err(wrong),
-            Command::Run => state
-                .transition(State::Listening, State::Running)
-                .map_err(wrong),
+            Command::Run => state.transition(State::Listening, State::Running).map_err(wrong),
             Command::Packaged(_) => Ok(()),
             Command::PostcopyEnd(status) => {
                 if status != 0 {
-                    let d = Defect::BadValue {
-                        found: status.into(),
-                        expected: 0,
-                    };
+                    let d = Defect::BadValue { found: status.into(), expected: 0 };
                     return Err(Error::new(at, Field::CommandId, d));
                 }
-                let from = [
-                    State::Advise,
-                    State::Discard,
-                    State::Listening,
-                    State::Running,
-                ];
-                state
-                    .transition_from_any(&from, State::End)
-                    .map_err(wrong)?;
+                let from = [State::Advise, State::Discard, State::Listening, State::Running];
+                state.transition_from_any(&from, State::End).map_err(wrong)?;
                 Ok(())
             }
             // Outside postcopy recovery QEMU ignores it.
@@ -385,11 +338,9 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
             Command::EnableColo | Command::RecvBitmap(_) => {
                 Err(Error::new(at, Field::CommandId, Defect::Unsupported))
             }
-            Command::Unknown { cmd, .. } => Err(Error::new(
-                at,
-                Field::CommandId,
-                Defect::Unknown { found: cmd.into() },
-            )),
+            Command::Unknown { cmd, .. } => {
+                Err(Error::new(at, Field::CommandId, Defect::Unknown { found: cmd.into() }))
+            }
         }
     }
 
@@ -398,9 +349,7 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
     }
 
     fn block_named(&self, name: &[u8], at: u64, field: Field) -> Result<usize, Error> {
-        self.layout()
-            .and_then(|l| l.find(name))
-            .ok_or(Error::new(at, field, Defect::UnknownBlock))
+        self.layout().and_then(|l| l.find(name)).ok_or(Error::new(at, field, Defect::UnknownBlock))
     }
 
     fn discard_range(&mut self, start: u64, len: u64, at: u64) -> Handled {
@@ -411,22 +360,11 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
         let block = &layout.blocks()[d.block];
         for (field, value) in [(Field::DiscardStart, start), (Field::DiscardLength, len)] {
             if !value.is_multiple_of(block.page_size) {
-                return Err(Error::new(
-                    at,
-                    field,
-                    Defect::Misaligned {
-                        value,
-                        align: block.page_size,
-                    },
-                ));
+                return Err(Error::new(at, field, Defect::Misaligned { value, align: block.page_size }));
             }
         }
         if start.checked_add(len).is_none_or(|end| end > block.len) {
-            let d = Defect::OutOfRange {
-                start,
-                len,
-                limit: block.len,
-            };
+            let d = Defect::OutOfRange { start, len, limit: block.len };
             return Err(Error::new(at, Field::DiscardLength, d));
         }
         for r in layout.regions().iter().filter(|r| r.block == d.block) {
@@ -447,20 +385,9 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
         for run in MaskRuns::new(start, mask, d.first_bit_offset) {
             let (page, pages) = run.map_err(|bit| {
                 let found = start + u64::from(bit);
-                Error::new(
-                    at,
-                    Field::DiscardStart,
-                    Defect::OutOfRange {
-                        start: found,
-                        len: 1,
-                        limit: 0,
-                    },
-                )
+                Error::new(at, Field::DiscardStart, Defect::OutOfRange { start: found, len: 1, limit: 0 })
             })?;
-            let (start, len) = (
-                page.saturating_mul(TARGET_PAGE_SIZE),
-                pages * TARGET_PAGE_SIZE,
-            );
+            let (start, len) = (page.saturating_mul(TARGET_PAGE_SIZE), pages * TARGET_PAGE_SIZE);
             self.discard_range(start, len, at)?;
         }
         Ok(())
@@ -468,11 +395,7 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
 
     fn mem_size(&mut self, total: u64, at: u64) -> Handled {
         if self.layout().is_some() || self.building.is_some() {
-            return Err(Error::new(
-                at,
-                Field::RamBlockList,
-                Defect::TooMany { cap: 1 },
-            ));
+            return Err(Error::new(at, Field::RamBlockList, Defect::TooMany { cap: 1 }));
         }
         self.building = Some((Layout::new(), total));
         if total == 0 {
@@ -487,13 +410,8 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
         };
         let index = layout.add_block(name, len).map_err(|e| {
             let defect = match e {
-                AddBlockError::TooMany => Defect::TooMany {
-                    cap: crate::config::MAX_BLOCKS as u64,
-                },
-                AddBlockError::Misaligned => Defect::Misaligned {
-                    value: len,
-                    align: HOST_PAGE_SIZE,
-                },
+                AddBlockError::TooMany => Defect::TooMany { cap: crate::config::MAX_BLOCKS as u64 },
+                AddBlockError::Misaligned => Defect::Misaligned { value: len, align: HOST_PAGE_SIZE },
                 AddBlockError::Duplicate => Defect::Mismatch,
             };
             Error::new(at, Field::RamBlockList, defect)
@@ -518,10 +436,7 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
             return Err(Error::new(
                 at,
                 Field::RamBlockList,
-                Defect::TooLong {
-                    len: layout.bitmap_words() as u64 * 64 * TARGET_PAGE_SIZE,
-                    cap,
-                },
+                Defect::TooLong { len: layout.bitmap_words() as u64 * 64 * TARGET_PAGE_SIZE, cap },
             ));
         }
         layout.map_for(self.machine);
@@ -530,34 +445,18 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
     }
 
     /// Resolves the block of a page record (by name, or CONTINUE) and checks the offset.
-    fn page_target(
-        &mut self,
-        name: Option<&[u8]>,
-        offset: u64,
-        at: u64,
-    ) -> Result<(usize, bool), Error> {
+    fn page_target(&mut self, name: Option<&[u8]>, offset: u64, at: u64) -> Result<(usize, bool), Error> {
         let block = match name {
             Some(name) => self.block_named(name, at, Field::RamBlockName)?,
-            None => self.current_block.ok_or(Error::new(
-                at,
-                Field::RamBlockName,
-                Defect::NoPreviousBlock,
-            ))?,
+            None => self.current_block.ok_or(Error::new(at, Field::RamBlockName, Defect::NoPreviousBlock))?,
         };
         self.current_block = Some(block);
         let Some(layout) = self.layout() else {
             return Err(Error::new(at, Field::RamBlockName, Defect::UnknownBlock));
         };
         let limit = layout.blocks()[block].len;
-        if offset
-            .checked_add(TARGET_PAGE_SIZE)
-            .is_none_or(|end| end > limit)
-        {
-            let d = Defect::OutOfRange {
-                start: offset,
-                len: TARGET_PAGE_SIZE,
-                limit,
-            };
+        if offset.checked_add(TARGET_PAGE_SIZE).is_none_or(|end| end > limit) {
+            let d = Defect::OutOfRange { start: offset, len: TARGET_PAGE_SIZE, limit };
             return Err(Error::new(at, Field::RamOffset, d));
         }
         // After LISTEN a page is placed once: one that is already there may have been
@@ -572,11 +471,7 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
 
     fn ram(&mut self, record: RamRecord<'_>, at: u64) -> Handled {
         match record {
-            RamRecord::Zero {
-                block,
-                offset,
-                fill,
-            } => {
+            RamRecord::Zero { block, offset, fill } => {
                 let (block, skip) = self.page_target(block, offset, at)?;
                 if !skip {
                     self.ports.fill(block, offset, TARGET_PAGE_SIZE, fill);
@@ -587,12 +482,7 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
             }
             RamRecord::Page { block, offset } => {
                 let (block, skip) = self.page_target(block, offset, at)?;
-                self.page = Some(PendingPage {
-                    block,
-                    offset,
-                    filled: 0,
-                    skip,
-                });
+                self.page = Some(PendingPage { block, offset, filled: 0, skip });
                 Ok(())
             }
             RamRecord::Eos => Ok(()),
@@ -606,8 +496,7 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
             return;
         };
         if !page.skip {
-            self.ports
-                .write(page.block, page.offset + page.filled, data);
+            self.ports.write(page.block, page.offset + page.filled, data);
         }
         page.filled += data.len() as u64;
         if page.filled == TARGET_PAGE_SIZE {
@@ -621,16 +510,20 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
     }
 
     /// The page's contents are complete: map it, mark it received, release its waiters.
+    ///
+    /// A page re-sent in precopy (the guest does not run yet) was rewritten in its frame,
+    /// which stays mapped: it is mapped once, when it first arrives (or arrives again after a
+    /// discard).
     fn place(&mut self, block: usize, offset: u64) {
         let Some(layout) = self.shared.layout() else {
             return;
         };
-        for gpa in layout.block_to_gpas(block, offset) {
-            self.ports.map(gpa, block, offset);
+        if !self.shared.is_received(block, offset) {
+            for gpa in layout.block_to_gpas(block, offset) {
+                self.ports.map(gpa, block, offset);
+            }
         }
-        if self.shared.mark_received(layout, block, offset) {
-            self.ports.release(block, offset);
-        }
+        self.shared.page_arrived(layout, block, offset, &mut self.ports);
     }
 
     fn eof(&mut self, at: u64) -> Handled {
@@ -639,11 +532,7 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
             State::Running | State::End => self.complete(at),
             // A precopy completion: the VMDESCRIPTION (or the end of input) follows.
             State::None | State::Advise => Ok(()),
-            state => Err(Error::new(
-                at,
-                Field::EndOfStream,
-                Defect::WrongState { state },
-            )),
+            state => Err(Error::new(at, Field::EndOfStream, Defect::WrongState { state })),
         }
     }
 

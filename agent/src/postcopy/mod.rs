@@ -5,5 +5,5 @@ mod shared;
 mod state;
 
 pub use engine::{Engine, EngineConfig, Progress, Stats};
-pub use shared::{Fault, FaultCounters, FaultError, RpSender, Shared};
+pub use shared::{Access, Fault, FaultCounters, FaultError, RpSender, Shared};
 pub use state::{State, StateCell};

@@ -7,25 +7,36 @@
 //! | `layout` | stream context, once | end of the MEM_SIZE block list (precopy setup) | both |
 //! | `received` bits | stream context: set after a page is complete and mapped; cleared by a discard (before LISTEN: no vCPU runs) | every page | vCPUs on a fault |
 //! | `requested` bits | vCPUs: set by the first toucher of a missing page; cleared by a discard | faults | stream context after placing a page |
+//! | `parked[v]` | vCPU `v` stores the page it waits for; whoever wins the compare-exchange back to empty clears it (the stream context releasing `v`, or `v` finding its page arrived) | faults, page arrival | both |
 //! | `rp` (return path + last requested block) | both, under its lock | PONG/SHUT, page requests | - |
 //!
 //! # Fault → wait → wake
 //!
-//! A vCPU that faults on page P sets `requested[P]` and then reads `received[P]`. The stream
-//! context places P, sets `received[P]`, then reads `requested[P]`. Both pairs are `SeqCst`,
-//! so at least one side sees the other's write: either the vCPU sees P received (it resumes)
-//! or the stream context sees P requested (it releases P's waiters). A waiter must re-check
-//! `received[P]` under its own wait primitive before sleeping, so a release that comes
-//! between the vCPU's check and its sleep is not lost.
+//! vCPU `v` faulting on a missing page P: sets `requested[P]` (the first setter sends the
+//! request), stores P in `parked[v]`, then reads `received[P]`. If P has arrived it tries to
+//! take itself back (compare-exchange `parked[v]` P → empty): success means nobody will
+//! release it and it resumes at once; failure means the stream context already claimed it and
+//! its release is on the way.
+//!
+//! The stream context placing P: copies, maps, sets `received[P]`, then, if P was requested,
+//! claims every vCPU parked on P (compare-exchange `parked[v]` P → empty) and releases each
+//! one it claimed.
+//!
+//! The vCPU's store to `parked[v]` and the stream context's store to `received[P]` are each
+//! followed by a `SeqCst` fence and then a read of the other's variable, so at least one side
+//! sees the other (the store-buffering pattern: on x86 the fence is the `mfence` that stops a
+//! load from passing an earlier store): a parked vCPU is never forgotten. The compare-exchange on `parked[v]` has exactly one winner, so each
+//! wait ends in exactly one release or one self-resume, never both and never neither. The
+//! platform's park must accept a release that comes before the vCPU actually sleeps (a token,
+//! not a bare wake-up). `tests/loom.rs` checks these claims over every interleaving.
 
-use core::sync::atomic::{AtomicU64, Ordering};
-
-use spin::{Mutex, Once};
+use spin::Once;
 
 use super::state::{State, StateCell};
-use crate::config::{RP_MESSAGE_CAPACITY, TARGET_PAGE_SIZE};
+use crate::config::{MAX_VCPUS, RP_MESSAGE_CAPACITY, TARGET_PAGE_SIZE};
 use crate::layout::Layout;
-use crate::ports::{ReturnPath, SendFailed};
+use crate::ports::{PageWaiters, ReturnPath, SendFailed};
+use crate::sync::{fence, AtomicU64, Mutex, Ordering};
 use crate::wire::return_path::RpMessage;
 
 /// What a vCPU does after a stage-2 fault.
@@ -33,7 +44,8 @@ use crate::wire::return_path::RpMessage;
 pub enum Fault {
     /// The page is there (it arrived meanwhile): re-execute the access.
     Resume,
-    /// The page is requested: park until it is released.
+    /// The vCPU is parked on the page: run it again when [`PageWaiters::release`] names it
+    /// (exactly once; possibly before it gets to sleep).
     Wait {
         /// Its block.
         block: usize,
@@ -57,6 +69,23 @@ pub enum FaultError {
     },
     /// The page request could not be sent.
     ReturnPath,
+    /// The vCPU index is not below [`MAX_VCPUS`].
+    NoSuchVcpu {
+        /// The index given.
+        vcpu: usize,
+    },
+}
+
+/// The kind of guest access that faulted (EPT exit qualification bits 0-2; #NPF error code
+/// bits 1 and 4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// A data read.
+    Read,
+    /// A data write.
+    Write,
+    /// An instruction fetch.
+    Execute,
 }
 
 /// The return path and what requests need to remember.
@@ -66,7 +95,6 @@ pub struct RpSender<R> {
     open: bool,
     /// Block of the last REQ_PAGES_ID (REQ_PAGES without an id refers to it).
     last_block: Option<usize>,
-    sent: u64,
 }
 
 impl<R: ReturnPath> RpSender<R> {
@@ -74,9 +102,7 @@ impl<R: ReturnPath> RpSender<R> {
     pub fn send(&mut self, msg: RpMessage<'_>) -> Result<(), SendFailed> {
         let mut buf = [0u8; RP_MESSAGE_CAPACITY];
         let n = msg.emit(&mut buf).ok_or(SendFailed)?;
-        self.port.send(&buf[..n])?;
-        self.sent += 1;
-        Ok(())
+        self.port.send(&buf[..n])
     }
 
     /// Whether OPEN_RETURN_PATH was received.
@@ -96,12 +122,36 @@ impl<R: ReturnPath> RpSender<R> {
 }
 
 /// Counters kept by vCPU contexts.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FaultCounters {
     /// Stage-2 faults on missing pages handled.
     pub faults: AtomicU64,
+    /// Faults by writes (the rest are reads and fetches).
+    pub write_faults: AtomicU64,
     /// Page requests sent.
     pub requests: AtomicU64,
+}
+
+impl Default for FaultCounters {
+    fn default() -> Self {
+        let zero = || AtomicU64::new(0);
+        Self { faults: zero(), write_faults: zero(), requests: zero() }
+    }
+}
+
+/// `parked[v]` when vCPU `v` waits for nothing.
+const NOT_PARKED: u64 = u64::MAX;
+
+/// The key of a page in `parked`: block and page number.
+fn page_key(block: usize, offset: u64) -> u64 {
+    ((block as u64) << 52) | (offset / TARGET_PAGE_SIZE)
+}
+
+/// Word and bit of a page in the bitmaps.
+fn bit(layout: &Layout, block: usize, offset: u64) -> (usize, u64) {
+    let first_word = layout.blocks().get(block).map_or(usize::MAX, |b| b.first_word);
+    let page = offset / TARGET_PAGE_SIZE;
+    (first_word.saturating_add((page / 64) as usize), 1u64 << (page % 64))
 }
 
 /// The state shared between the stream context and the vCPUs. See the module docs.
@@ -113,15 +163,9 @@ pub struct Shared<'a, R> {
     received: &'a [AtomicU64],
     requested: &'a [AtomicU64],
     rp: Mutex<RpSender<R>>,
+    parked: [AtomicU64; MAX_VCPUS],
     /// Fault counters.
     pub counters: FaultCounters,
-}
-
-/// Bit position of a page in the bitmaps.
-fn bit(layout: &Layout, block: usize, offset: u64) -> (usize, u64) {
-    let b = &layout.blocks()[block];
-    let page = offset / TARGET_PAGE_SIZE;
-    (b.first_word + (page / 64) as usize, 1u64 << (page % 64))
 }
 
 impl<'a, R: ReturnPath> Shared<'a, R> {
@@ -134,12 +178,8 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
             layout: Once::new(),
             received,
             requested,
-            rp: Mutex::new(RpSender {
-                port: rp,
-                open: false,
-                last_block: None,
-                sent: 0,
-            }),
+            rp: Mutex::new(RpSender { port: rp, open: false, last_block: None }),
+            parked: core::array::from_fn(|_| AtomicU64::new(NOT_PARKED)),
             counters: FaultCounters::default(),
         }
     }
@@ -156,7 +196,7 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
 
     /// Publishes the block layout (stream context, once). Returns `false` if one was
     /// already published.
-    pub(crate) fn publish_layout(&self, layout: Layout) -> bool {
+    pub fn publish_layout(&self, layout: Layout) -> bool {
         let mut fresh = false;
         self.layout.call_once(|| {
             fresh = true;
@@ -167,103 +207,117 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
 
     /// Runs `f` with the return path locked.
     pub fn with_rp<T>(&self, f: impl FnOnce(&mut RpSender<R>) -> T) -> T {
-        f(&mut self.rp.lock())
+        self.rp.with(f)
+    }
+
+    /// The received and requested words holding a page's bit, and the bit.
+    fn bits(&self, layout: &Layout, block: usize, offset: u64) -> Option<(&AtomicU64, &AtomicU64, u64)> {
+        let (word, mask) = bit(layout, block, offset);
+        Some((self.received.get(word)?, self.requested.get(word)?, mask))
     }
 
     /// Whether the page holding `offset` of `block` has arrived (and is mapped).
     pub fn is_received(&self, block: usize, offset: u64) -> bool {
-        let Some(layout) = self.layout() else {
-            return false;
-        };
-        let (word, mask) = bit(layout, block, offset);
-        self.received
-            .get(word)
-            .is_some_and(|w| w.load(Ordering::SeqCst) & mask != 0)
+        let Some(layout) = self.layout() else { return false };
+        self.bits(layout, block, offset)
+            .is_some_and(|(received, _, mask)| received.load(Ordering::SeqCst) & mask != 0)
     }
 
-    /// Stream context: the page is complete and mapped. Returns whether a vCPU had requested
-    /// it (then its waiters must be released).
-    pub(crate) fn mark_received(&self, layout: &Layout, block: usize, offset: u64) -> bool {
-        let (word, mask) = bit(layout, block, offset);
-        self.received[word].fetch_or(mask, Ordering::SeqCst);
-        self.requested[word].load(Ordering::SeqCst) & mask != 0
-    }
-
-    /// Stream context, before LISTEN: forget that the pages of `[offset, offset+len)` arrived.
-    pub(crate) fn mark_discarded(&self, layout: &Layout, block: usize, offset: u64, len: u64) {
-        let mut page = offset;
-        while page < offset + len {
-            let (word, mask) = bit(layout, block, page);
-            // A whole aligned word at once where possible.
-            let whole = page.is_multiple_of(64 * TARGET_PAGE_SIZE)
-                && offset + len - page >= 64 * TARGET_PAGE_SIZE;
-            let mask = if whole { u64::MAX } else { mask };
-            self.received[word].fetch_and(!mask, Ordering::SeqCst);
-            self.requested[word].fetch_and(!mask, Ordering::SeqCst);
-            page += if whole {
-                64 * TARGET_PAGE_SIZE
-            } else {
-                TARGET_PAGE_SIZE
-            };
+    /// Stream context: the page is complete and mapped. Releases every vCPU parked on it,
+    /// each exactly once.
+    pub fn page_arrived(&self, layout: &Layout, block: usize, offset: u64, waiters: &mut impl PageWaiters) {
+        let Some((received, requested, mask)) = self.bits(layout, block, offset) else { return };
+        received.fetch_or(mask, Ordering::SeqCst);
+        // Pairs with the fence in `on_guest_fault`: either we see the vCPU's request and
+        // parking, or it sees the page received.
+        fence(Ordering::SeqCst);
+        if requested.load(Ordering::SeqCst) & mask == 0 {
+            // Nobody asked: a vCPU that faults from now on finds the page received.
+            return;
+        }
+        let key = page_key(block, offset);
+        for (vcpu, slot) in self.parked.iter().enumerate() {
+            if slot.load(Ordering::SeqCst) == key
+                && slot.compare_exchange(key, NOT_PARKED, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+            {
+                waiters.release(vcpu);
+            }
         }
     }
 
-    /// vCPU context: a stage-2 fault on `gpa` (the page is not mapped for the guest).
+    /// Stream context, before LISTEN: forget that the pages of `[offset, offset+len)` arrived.
+    pub fn mark_discarded(&self, layout: &Layout, block: usize, offset: u64, len: u64) {
+        let word_span = 64 * TARGET_PAGE_SIZE;
+        let mut page = offset;
+        while page < offset + len {
+            // A whole aligned word at once where the range covers it.
+            let whole = page.is_multiple_of(word_span) && offset + len - page >= word_span;
+            if let Some((received, requested, mask)) = self.bits(layout, block, page) {
+                let mask = if whole { u64::MAX } else { mask };
+                received.fetch_and(!mask, Ordering::SeqCst);
+                requested.fetch_and(!mask, Ordering::SeqCst);
+            }
+            page += if whole { word_span } else { TARGET_PAGE_SIZE };
+        }
+    }
+
+    /// vCPU context: vCPU `vcpu` (below [`MAX_VCPUS`]) took a stage-2 fault on `gpa` (the
+    /// page is not mapped for the guest).
     ///
     /// The first vCPU to touch a missing page sends the request (REQ_PAGES_ID when the block
     /// differs from the last request's, else REQ_PAGES), for the whole host page; later
-    /// touches of a requested page only wait. Without a return path (a replayed stream) the
-    /// vCPU waits for the page to come in the stream.
-    pub fn on_guest_fault(&self, gpa: u64) -> Result<Fault, FaultError> {
+    /// touches of a requested page only park. Without a return path (a replayed stream) the
+    /// vCPU parks until the page comes in the stream. See the module docs for the protocol.
+    pub fn on_guest_fault(&self, gpa: u64, access: Access, vcpu: usize) -> Result<Fault, FaultError> {
+        let slot = self.parked.get(vcpu).ok_or(FaultError::NoSuchVcpu { vcpu })?;
         let state = self.state.get();
         if !matches!(state, State::Listening | State::Running | State::End) {
             return Err(FaultError::NotPostcopy { state });
         }
-        let layout = self.layout().ok_or(FaultError::OutsideGuestRam { gpa })?;
-        let (block, offset) = layout
-            .gpa_to_block(gpa)
-            .ok_or(FaultError::OutsideGuestRam { gpa })?;
+        let outside = FaultError::OutsideGuestRam { gpa };
+        let layout = self.layout().ok_or(outside)?;
+        let (block, offset) = layout.gpa_to_block(gpa).ok_or(outside)?;
         self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        if access == Access::Write {
+            self.counters.write_faults.fetch_add(1, Ordering::Relaxed);
+        }
         let page_size = layout.blocks()[block].page_size;
         let offset = offset & !(page_size - 1);
-        let (word, mask) = bit(layout, block, offset);
-        if self.received[word].load(Ordering::SeqCst) & mask != 0 {
+        let (received, requested, mask) = self.bits(layout, block, offset).ok_or(outside)?;
+        if received.load(Ordering::SeqCst) & mask != 0 {
             return Ok(Fault::Resume);
         }
-        let first = self.requested[word].fetch_or(mask, Ordering::SeqCst) & mask == 0;
-        if first {
+        if requested.fetch_or(mask, Ordering::SeqCst) & mask == 0 {
             self.request(layout, block, offset, page_size)?;
         }
-        if self.received[word].load(Ordering::SeqCst) & mask != 0 {
+        let key = page_key(block, offset);
+        slot.store(key, Ordering::SeqCst);
+        // Pairs with the fence in `page_arrived`.
+        fence(Ordering::SeqCst);
+        if received.load(Ordering::SeqCst) & mask != 0
+            && slot.compare_exchange(key, NOT_PARKED, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+        {
+            // The page arrived meanwhile and nobody claimed us: no release will come.
             return Ok(Fault::Resume);
         }
         Ok(Fault::Wait { block, offset })
     }
 
-    fn request(
-        &self,
-        layout: &Layout,
-        block: usize,
-        start: u64,
-        len: u64,
-    ) -> Result<(), FaultError> {
-        let mut rp = self.rp.lock();
-        if !rp.open {
-            return Ok(());
-        }
-        let len = len as u32;
-        let msg = if rp.last_block == Some(block) {
-            RpMessage::ReqPages { start, len }
-        } else {
-            RpMessage::ReqPagesId {
-                start,
-                len,
-                block: &layout.blocks()[block].name,
+    fn request(&self, layout: &Layout, block: usize, start: u64, len: u64) -> Result<(), FaultError> {
+        self.rp.with(|rp| {
+            if !rp.open {
+                return Ok(());
             }
-        };
-        rp.send(msg).map_err(|SendFailed| FaultError::ReturnPath)?;
-        rp.last_block = Some(block);
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+            let len = len as u32;
+            let msg = if rp.last_block == Some(block) {
+                RpMessage::ReqPages { start, len }
+            } else {
+                RpMessage::ReqPagesId { start, len, block: &layout.blocks()[block].name }
+            };
+            rp.send(msg).map_err(|SendFailed| FaultError::ReturnPath)?;
+            rp.last_block = Some(block);
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        })
     }
 }

@@ -28,7 +28,7 @@
 //!   fails only when the stream is wrong (a command in the wrong state). That is the point:
 //!   the atomic makes the invariant checkable, the single writer makes it simple.
 
-use core::sync::atomic::{AtomicU8, Ordering};
+use crate::sync::{AtomicU8, Ordering};
 
 /// The postcopy states of QEMU 7.2 (spec §9). The values are QEMU's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,7 +49,8 @@ pub enum State {
 }
 
 impl State {
-    const fn from_u8(v: u8) -> Self {
+    /// The state with QEMU's number `v` (unknown numbers read as NONE).
+    pub const fn from_u8(v: u8) -> Self {
         match v {
             1 => Self::Advise,
             2 => Self::Discard,
@@ -85,7 +86,7 @@ impl Default for StateCell {
 
 impl StateCell {
     /// Starts in NONE.
-    pub const fn new() -> Self {
+    pub fn new() -> Self {
         Self(AtomicU8::new(State::None as u8))
     }
 
@@ -123,10 +124,7 @@ mod tests {
     #[test]
     fn transitions_check_the_expected_state() {
         let s = StateCell::new();
-        assert_eq!(
-            s.transition(State::Advise, State::Listening),
-            Err(State::None)
-        );
+        assert_eq!(s.transition(State::Advise, State::Listening), Err(State::None));
         assert_eq!(s.transition(State::None, State::Advise), Ok(()));
         assert_eq!(s.transition(State::None, State::Advise), Err(State::Advise));
         assert_eq!(

@@ -134,9 +134,7 @@ impl CommandHeader {
 }
 
 /// POSTCOPY_ADVISE's 16-byte payload.
-#[derive(
-    FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy, PartialEq, Eq,
-)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C)]
 pub struct Advise {
     /// 7.2: OR of the page sizes of all source RAMBlocks; v5: the source's `getpagesize()`.
@@ -181,13 +179,7 @@ pub enum Command<'a> {
 }
 
 fn bad_len(found: u16, expected: u64) -> FieldError {
-    (
-        Field::CommandLength,
-        Defect::BadValue {
-            found: found.into(),
-            expected,
-        },
-    )
+    (Field::CommandLength, Defect::BadValue { found: found.into(), expected })
 }
 
 impl<'a> Command<'a> {
@@ -252,12 +244,7 @@ impl<'a> Command<'a> {
             CommandId::PostcopyAdvise => Self::Advise(Advise::read_from_bytes(payload).ok()),
             CommandId::RecvBitmap => match counted_str(payload, 0, Field::RamBlockName)? {
                 Ok((name, n)) if n == payload.len() => Self::RecvBitmap(name),
-                _ => {
-                    return Err(bad_len(
-                        len,
-                        payload.first().map_or(1, |&l| u64::from(l) + 1),
-                    ))
-                }
+                _ => return Err(bad_len(len, payload.first().map_or(1, |&l| u64::from(l) + 1))),
             },
             CommandId::Invalid | CommandId::Unknown(_) | CommandId::PostcopyRamDiscard => {
                 return Err((Field::CommandId, Defect::Unsupported));
@@ -334,10 +321,7 @@ mod tests {
             (b"\x08\x00\x05\x00\x00", Command::Run),
         ];
         for (bytes, expected) in cases {
-            assert_eq!(
-                Command::parse(bytes, Dialect::Qemu72),
-                Ok(Parsed::Done(expected, bytes.len()))
-            );
+            assert_eq!(Command::parse(bytes, Dialect::Qemu72), Ok(Parsed::Done(expected, bytes.len())));
             let mut out = [0u8; 64];
             let mut w = Writer::new(&mut out);
             expected.emit(Dialect::Qemu72, &mut w).unwrap();
@@ -350,44 +334,20 @@ mod tests {
     fn wrong_fixed_length_is_typed() {
         assert_eq!(
             Command::parse(b"\x08\x00\x02\x00\x05\x00\x00\x00\x01\x00", Dialect::Qemu72),
-            Err((
-                Field::CommandLength,
-                Defect::BadValue {
-                    found: 5,
-                    expected: 4
-                }
-            ))
+            Err((Field::CommandLength, Defect::BadValue { found: 5, expected: 4 }))
         );
         assert_eq!(
             Command::parse(b"\x08\x00\x03\x00\x08", Dialect::Qemu72),
-            Err((
-                Field::CommandLength,
-                Defect::BadValue {
-                    found: 8,
-                    expected: 16
-                }
-            ))
+            Err((Field::CommandLength, Defect::BadValue { found: 8, expected: 16 }))
         );
     }
 
     #[test]
     fn dialects_do_not_share_postcopy_numbers() {
-        assert_eq!(
-            CommandId::from_wire(Dialect::Qemu72, 6),
-            CommandId::PostcopyRamDiscard
-        );
-        assert_eq!(
-            CommandId::from_wire(Dialect::SeedV5, 6),
-            CommandId::Unknown(6)
-        );
-        assert_eq!(
-            CommandId::from_wire(Dialect::SeedV5, 24),
-            CommandId::PostcopyRamDiscard
-        );
-        assert_eq!(
-            CommandId::from_wire(Dialect::Qemu72, 23),
-            CommandId::Unknown(23)
-        );
+        assert_eq!(CommandId::from_wire(Dialect::Qemu72, 6), CommandId::PostcopyRamDiscard);
+        assert_eq!(CommandId::from_wire(Dialect::SeedV5, 6), CommandId::Unknown(6));
+        assert_eq!(CommandId::from_wire(Dialect::SeedV5, 24), CommandId::PostcopyRamDiscard);
+        assert_eq!(CommandId::from_wire(Dialect::Qemu72, 23), CommandId::Unknown(23));
         for raw in 0..=u16::MAX {
             for d in [Dialect::Qemu72, Dialect::SeedV5] {
                 assert_eq!(CommandId::from_wire(d, raw).to_wire(d), Some(raw));

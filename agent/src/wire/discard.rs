@@ -41,43 +41,25 @@ impl<'a> DiscardHeader<'a> {
         if len < min_len {
             return Err((
                 Field::CommandLength,
-                Defect::BadValue {
-                    found: len.into(),
-                    expected: min_len.into(),
-                },
+                Defect::BadValue { found: len.into(), expected: min_len.into() },
             ));
         }
         let Some(fixed) = payload.get(..name_at + 1) else {
             return Ok(Parsed::Need(name_at + 1));
         };
         if fixed[0] != 0 {
-            return Err((
-                Field::DiscardVersion,
-                Defect::BadValue {
-                    found: fixed[0].into(),
-                    expected: 0,
-                },
-            ));
+            return Err((Field::DiscardVersion, Defect::BadValue { found: fixed[0].into(), expected: 0 }));
         }
         let name_len = usize::from(fixed[name_at]);
         if name_len == 0 {
-            return Err((
-                Field::DiscardBlockName,
-                Defect::BadValue {
-                    found: 0,
-                    expected: 1,
-                },
-            ));
+            return Err((Field::DiscardBlockName, Defect::BadValue { found: 0, expected: 1 }));
         }
         let nul = usize::from(dialect == Dialect::Qemu72);
         let header_len = name_at + 1 + name_len + nul;
         if header_len > usize::from(len) {
             return Err((
                 Field::CommandLength,
-                Defect::BadValue {
-                    found: len.into(),
-                    expected: header_len as u64,
-                },
+                Defect::BadValue { found: len.into(), expected: header_len as u64 },
             ));
         }
         let Some(header) = payload.get(..header_len) else {
@@ -85,22 +67,13 @@ impl<'a> DiscardHeader<'a> {
         };
         if nul == 1 && header[header_len - 1] != 0 {
             let found = header[header_len - 1].into();
-            return Err((
-                Field::DiscardBlockName,
-                Defect::BadValue { found, expected: 0 },
-            ));
+            return Err((Field::DiscardBlockName, Defect::BadValue { found, expected: 0 }));
         }
         let body = usize::from(len) - header_len;
         let entry = Self::entry_len(dialect);
         if body % entry != 0 || body == 0 {
             let expected = (header_len + entry * (body / entry).max(1)) as u64;
-            return Err((
-                Field::CommandLength,
-                Defect::BadValue {
-                    found: len.into(),
-                    expected,
-                },
-            ));
+            return Err((Field::CommandLength, Defect::BadValue { found: len.into(), expected }));
         }
         let parsed = Self {
             block: &header[name_at + 1..name_at + 1 + name_len],
@@ -126,9 +99,7 @@ impl<'a> DiscardHeader<'a> {
 }
 
 /// A 7.2 discard entry: a byte range inside the block.
-#[derive(
-    FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy, PartialEq, Eq,
-)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C)]
 pub struct DiscardRange {
     /// Byte offset inside the block.
@@ -151,21 +122,13 @@ impl DiscardRange {
 
     /// Writes one entry.
     pub fn emit(start: u64, len: u64, w: &mut Writer<'_>) -> Option<()> {
-        w.put(
-            Self {
-                start: U64::new(start),
-                len: U64::new(len),
-            }
-            .as_bytes(),
-        )
+        w.put(Self { start: U64::new(start), len: U64::new(len) }.as_bytes())
     }
 }
 
 /// A v5 discard entry: 32 pages starting at page `start`, bit i set = discard page
 /// `start + i - first_bit_offset`.
-#[derive(
-    FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy, PartialEq, Eq,
-)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C)]
 pub struct DiscardMask {
     /// First page of the mask word (target pages).
@@ -188,13 +151,7 @@ impl DiscardMask {
 
     /// Writes one entry.
     pub fn emit(start: u64, mask: u32, w: &mut Writer<'_>) -> Option<()> {
-        w.put(
-            Self {
-                start: U64::new(start),
-                mask: U32::new(mask),
-            }
-            .as_bytes(),
-        )
+        w.put(Self { start: U64::new(start), mask: U32::new(mask) }.as_bytes())
     }
 }
 
@@ -212,11 +169,7 @@ pub struct MaskRuns {
 impl MaskRuns {
     /// Iterates the runs of an entry.
     pub const fn new(start: u64, mask: u32, first_bit_offset: u8) -> Self {
-        Self {
-            start,
-            mask,
-            first_bit_offset,
-        }
+        Self { start, mask, first_bit_offset }
     }
 }
 
@@ -231,11 +184,7 @@ impl Iterator for MaskRuns {
         let first = self.mask.trailing_zeros();
         // Bits from `first` upwards that are set, until the first clear one.
         let run = (self.mask >> first).trailing_ones();
-        self.mask &= if first + run >= 32 {
-            0
-        } else {
-            !0u32 << (first + run)
-        };
+        self.mask &= if first + run >= 32 { 0 } else { !0u32 << (first + run) };
         let page = (self.start + u64::from(first)).checked_sub(u64::from(self.first_bit_offset));
         Some(page.map(|p| (p, u64::from(run))).ok_or(first))
     }
@@ -248,54 +197,26 @@ mod tests {
     #[test]
     fn ranges_from_real_qemu() {
         // `-machine none`: 08 0006 0016 00 03 "ram" 00 000000000044a000 0000000001bb6000.
-        let payload =
-            b"\x00\x03ram\x00\x00\x00\x00\x00\x00\x44\xa0\x00\x00\x00\x00\x00\x01\xbb\x60\x00";
-        let header = DiscardHeader {
-            block: b"ram",
-            first_bit_offset: None,
-            entries: 1,
-        };
-        assert_eq!(
-            DiscardHeader::parse(payload, 0x16, Dialect::Qemu72),
-            Ok(Parsed::Done(header, 6))
-        );
-        assert_eq!(
-            DiscardRange::parse(&payload[6..]),
-            Ok(Parsed::Done((0x44a000, 0x1bb6000), 16))
-        );
+        let payload = b"\x00\x03ram\x00\x00\x00\x00\x00\x00\x44\xa0\x00\x00\x00\x00\x00\x01\xbb\x60\x00";
+        let header = DiscardHeader { block: b"ram", first_bit_offset: None, entries: 1 };
+        assert_eq!(DiscardHeader::parse(payload, 0x16, Dialect::Qemu72), Ok(Parsed::Done(header, 6)));
+        assert_eq!(DiscardRange::parse(&payload[6..]), Ok(Parsed::Done((0x44a000, 0x1bb6000), 16)));
     }
 
     #[test]
     fn missing_nul_and_bad_lengths_are_typed() {
-        let payload =
-            b"\x00\x03ramX\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x10\x00";
+        let payload = b"\x00\x03ramX\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x10\x00";
         assert_eq!(
             DiscardHeader::parse(payload, 22, Dialect::Qemu72),
-            Err((
-                Field::DiscardBlockName,
-                Defect::BadValue {
-                    found: b'X'.into(),
-                    expected: 0
-                }
-            ))
+            Err((Field::DiscardBlockName, Defect::BadValue { found: b'X'.into(), expected: 0 }))
         );
-        let good =
-            b"\x00\x03ram\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x10\x00\x00";
+        let good = b"\x00\x03ram\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x10\x00\x00";
         // 23 = 6 + 16 + 1: one stray byte after the ranges.
         assert_eq!(
             DiscardHeader::parse(good, 23, Dialect::Qemu72),
-            Err((
-                Field::CommandLength,
-                Defect::BadValue {
-                    found: 23,
-                    expected: 22
-                }
-            ))
+            Err((Field::CommandLength, Defect::BadValue { found: 23, expected: 22 }))
         );
-        assert!(matches!(
-            DiscardHeader::parse(good, 19, Dialect::Qemu72),
-            Err((Field::CommandLength, _))
-        ));
+        assert!(matches!(DiscardHeader::parse(good, 19, Dialect::Qemu72), Err((Field::CommandLength, _))));
     }
 
     #[test]

@@ -43,22 +43,13 @@ impl StreamHeader {
 
     /// Writes a valid header.
     pub fn emit(w: &mut Writer<'_>) -> Option<()> {
-        let h = Self {
-            magic: U32::new(MAGIC),
-            version: U32::new(VERSION),
-        };
+        let h = Self { magic: U32::new(MAGIC), version: U32::new(VERSION) };
         w.put(h.as_bytes())
     }
 }
 
 fn bad(field: Field, found: u32, expected: u32) -> FieldError {
-    (
-        field,
-        Defect::BadValue {
-            found: found.into(),
-            expected: expected.into(),
-        },
-    )
+    (field, Defect::BadValue { found: found.into(), expected: expected.into() })
 }
 
 /// Head of the CONFIGURATION record: type byte, then the be32 machine-name length.
@@ -86,13 +77,7 @@ impl<'a> Configuration<'a> {
         let len = head.name_len.get();
         if len as usize > MAX_MACHINE_NAME {
             let cap = MAX_MACHINE_NAME as u64;
-            return Err((
-                Field::MachineName,
-                Defect::TooLong {
-                    len: len.into(),
-                    cap,
-                },
-            ));
+            return Err((Field::MachineName, Defect::TooLong { len: len.into(), cap }));
         }
         let end = 5 + len as usize;
         match buf.get(5..end) {
@@ -104,10 +89,7 @@ impl<'a> Configuration<'a> {
     /// Writes the record.
     pub fn emit(&self, w: &mut Writer<'_>) -> Option<()> {
         let len = u32::try_from(self.machine.len()).ok()?;
-        let head = ConfigurationHead {
-            kind: SectionType::Configuration.to_byte(),
-            name_len: U32::new(len),
-        };
+        let head = ConfigurationHead { kind: SectionType::Configuration.to_byte(), name_len: U32::new(len) };
         w.put(head.as_bytes())?;
         w.put(self.machine)
     }
@@ -210,13 +192,7 @@ mod tests {
         v2[7] = 2;
         assert_eq!(
             StreamHeader::parse(&v2),
-            Err((
-                Field::Version,
-                Defect::BadValue {
-                    found: 2,
-                    expected: 3
-                }
-            ))
+            Err((Field::Version, Defect::BadValue { found: 2, expected: 3 }))
         );
     }
 
@@ -228,18 +204,10 @@ mod tests {
         cap[9..11].copy_from_slice(&[0x05, 0x12]);
         cap[11..29].copy_from_slice(b"configuration/uuid");
         cap[29..33].copy_from_slice(&[0, 0, 0, 1]);
-        let uuid = [
-            0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66,
-            0x77, 0x88,
-        ];
+        let uuid =
+            [0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88];
         cap[33..].copy_from_slice(&uuid);
-        assert_eq!(
-            Configuration::parse(&cap),
-            Ok(Parsed::Done(Configuration { machine: b"none" }, 9))
-        );
-        assert_eq!(
-            ConfigSubsection::parse(&cap[9..]),
-            Ok(Parsed::Done(ConfigSubsection::Uuid(&uuid), 40))
-        );
+        assert_eq!(Configuration::parse(&cap), Ok(Parsed::Done(Configuration { machine: b"none" }, 9)));
+        assert_eq!(ConfigSubsection::parse(&cap[9..]), Ok(Parsed::Done(ConfigSubsection::Uuid(&uuid), 40)));
     }
 }

@@ -110,13 +110,7 @@ pub(crate) fn counted_str(
         return Ok(Err(at + 1));
     };
     if len == 0 {
-        return Err((
-            field,
-            Defect::BadValue {
-                found: 0,
-                expected: 1,
-            },
-        ));
+        return Err((field, Defect::BadValue { found: 0, expected: 1 }));
     }
     let end = at + 1 + usize::from(len);
     match buf.get(at + 1..end) {
@@ -170,7 +164,5 @@ pub(crate) fn view<T>(buf: &[u8]) -> Result<&T, usize>
 where
     T: zerocopy::FromBytes + zerocopy::KnownLayout + zerocopy::Immutable + zerocopy::Unaligned,
 {
-    T::ref_from_prefix(buf)
-        .map(|(v, _)| v)
-        .map_err(|_| core::mem::size_of::<T>())
+    T::ref_from_prefix(buf).map(|(v, _)| v).map_err(|_| core::mem::size_of::<T>())
 }

@@ -76,10 +76,7 @@ impl RamKind {
 
     /// Whether records of this kind name a block (unless CONTINUE).
     const fn names_block(self) -> bool {
-        matches!(
-            self,
-            Self::Zero | Self::Page | Self::Xbzrle | Self::CompressPage
-        )
+        matches!(self, Self::Zero | Self::Page | Self::Xbzrle | Self::CompressPage)
     }
 }
 
@@ -116,9 +113,8 @@ impl<'a> RamRecord<'a> {
         let Some(word) = buf.get(..WORD) else {
             return Ok(Parsed::Need(WORD));
         };
-        let word = u64::from_be_bytes([
-            word[0], word[1], word[2], word[3], word[4], word[5], word[6], word[7],
-        ]);
+        let word =
+            u64::from_be_bytes([word[0], word[1], word[2], word[3], word[4], word[5], word[6], word[7]]);
         let flag_mask = TARGET_PAGE_SIZE - 1;
         let (flags, value) = (word & flag_mask, word & !flag_mask);
         let kind = RamKind::from_flags(flags);
@@ -141,21 +137,9 @@ impl<'a> RamRecord<'a> {
         let record = match kind {
             RamKind::MemSize => Self::MemSize(value),
             RamKind::Eos => Self::Eos,
-            RamKind::Page => Self::Page {
-                block,
-                offset: value,
-            },
+            RamKind::Page => Self::Page { block, offset: value },
             RamKind::Zero => match buf.get(at) {
-                Some(&fill) => {
-                    return Ok(Parsed::Done(
-                        Self::Zero {
-                            block,
-                            offset: value,
-                            fill,
-                        },
-                        at + 1,
-                    ))
-                }
+                Some(&fill) => return Ok(Parsed::Done(Self::Zero { block, offset: value, fill }, at + 1)),
                 None => return Ok(Parsed::Need(at + 1)),
             },
             _ => return Err((Field::RamFlags, Defect::Unsupported)),
@@ -211,9 +195,8 @@ impl<'a> BlockEntry<'a> {
         let Some(len) = buf.get(at..at + 8) else {
             return Ok(Parsed::Need(at + 8));
         };
-        let used_length = u64::from_be_bytes([
-            len[0], len[1], len[2], len[3], len[4], len[5], len[6], len[7],
-        ]);
+        let used_length =
+            u64::from_be_bytes([len[0], len[1], len[2], len[3], len[4], len[5], len[6], len[7]]);
         Ok(Parsed::Done(Self { name, used_length }, at + 8))
     }
 
@@ -234,61 +217,31 @@ mod tests {
     fn records_from_real_qemu() {
         // `-machine none -m 32` START body: MEM_SIZE 0x2000000, "ram" 32 MiB, EOS.
         let body = b"\x00\x00\x00\x00\x02\x00\x00\x04\x03ram\x00\x00\x00\x00\x02\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x10";
-        assert_eq!(
-            RamRecord::parse(body),
-            Ok(Parsed::Done(RamRecord::MemSize(0x200_0000), 8))
-        );
-        let entry = BlockEntry {
-            name: b"ram",
-            used_length: 0x200_0000,
-        };
+        assert_eq!(RamRecord::parse(body), Ok(Parsed::Done(RamRecord::MemSize(0x200_0000), 8)));
+        let entry = BlockEntry { name: b"ram", used_length: 0x200_0000 };
         assert_eq!(BlockEntry::parse(&body[8..]), Ok(Parsed::Done(entry, 12)));
-        assert_eq!(
-            RamRecord::parse(&body[20..]),
-            Ok(Parsed::Done(RamRecord::Eos, 8))
-        );
+        assert_eq!(RamRecord::parse(&body[20..]), Ok(Parsed::Done(RamRecord::Eos, 8)));
         // dirty3: the answer to a request, PAGE|CONTINUE at pc.ram 0x1c0000.
         let page = b"\x00\x00\x00\x00\x00\x1c\x00\x28";
         assert_eq!(
             RamRecord::parse(page),
-            Ok(Parsed::Done(
-                RamRecord::Page {
-                    block: None,
-                    offset: 0x1c_0000
-                },
-                8
-            ))
+            Ok(Parsed::Done(RamRecord::Page { block: None, offset: 0x1c_0000 }, 8))
         );
         // PAGE with idstr: pc.bios 0x3f000.
         let named = b"\x00\x00\x00\x00\x00\x03\xf0\x08\x07pc.bios";
         assert_eq!(
             RamRecord::parse(named),
-            Ok(Parsed::Done(
-                RamRecord::Page {
-                    block: Some(b"pc.bios"),
-                    offset: 0x3f000
-                },
-                16
-            ))
+            Ok(Parsed::Done(RamRecord::Page { block: Some(b"pc.bios"), offset: 0x3f000 }, 16))
         );
     }
 
     #[test]
     fn flag_combinations_are_refused() {
         let both = (RamFlags::ZERO | RamFlags::PAGE).bits().to_be_bytes();
-        assert_eq!(
-            RamRecord::parse(&both),
-            Err((Field::RamFlags, Defect::Unknown { found: 0xa }))
-        );
+        assert_eq!(RamRecord::parse(&both), Err((Field::RamFlags, Defect::Unknown { found: 0xa })));
         let full = RamFlags::FULL.bits().to_be_bytes();
-        assert_eq!(
-            RamRecord::parse(&full),
-            Err((Field::RamFlags, Defect::Unknown { found: 1 }))
-        );
+        assert_eq!(RamRecord::parse(&full), Err((Field::RamFlags, Defect::Unknown { found: 1 })));
         let xbzrle = RamFlags::XBZRLE.bits().to_be_bytes();
-        assert_eq!(
-            RamRecord::parse(&xbzrle),
-            Err((Field::RamFlags, Defect::Unsupported))
-        );
+        assert_eq!(RamRecord::parse(&xbzrle), Err((Field::RamFlags, Defect::Unsupported)));
     }
 }

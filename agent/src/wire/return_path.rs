@@ -109,32 +109,17 @@ impl<'a> RpMessage<'a> {
             Self::Shut(v) => pw.put(&v.to_be_bytes()).map(|_| RpType::Shut)?,
             Self::Pong(v) => pw.put(&v.to_be_bytes()).map(|_| RpType::Pong)?,
             Self::ReqPagesId { start, len, block } => {
-                pw.put(
-                    PageRange {
-                        start: U64::new(start),
-                        len: U32::new(len),
-                    }
-                    .as_bytes(),
-                )?;
+                pw.put(PageRange { start: U64::new(start), len: U32::new(len) }.as_bytes())?;
                 pw.put_counted(block)?;
                 RpType::ReqPagesId
             }
             Self::ReqPages { start, len } => {
-                pw.put(
-                    PageRange {
-                        start: U64::new(start),
-                        len: U32::new(len),
-                    }
-                    .as_bytes(),
-                )?;
+                pw.put(PageRange { start: U64::new(start), len: U32::new(len) }.as_bytes())?;
                 RpType::ReqPages
             }
         };
         let n = pw.len();
-        let header = RpHeader {
-            kind: U16::new(kind.to_wire()),
-            len: U16::new(n as u16),
-        };
+        let header = RpHeader { kind: U16::new(kind.to_wire()), len: U16::new(n as u16) };
         w.put(header.as_bytes())?;
         w.put(&payload[..n])?;
         Some(w.len())
@@ -150,26 +135,12 @@ impl<'a> RpMessage<'a> {
         let len = usize::from(h.len.get());
         if len > MAX_RP_PAYLOAD {
             let cap = MAX_RP_PAYLOAD as u64;
-            return Err((
-                Field::ReturnPath,
-                Defect::TooLong {
-                    len: len as u64,
-                    cap,
-                },
-            ));
+            return Err((Field::ReturnPath, Defect::TooLong { len: len as u64, cap }));
         }
         let Some(payload) = buf.get(4..4 + len) else {
             return Ok(Parsed::Need(4 + len));
         };
-        let bad = |expected: u64| {
-            (
-                Field::ReturnPath,
-                Defect::BadValue {
-                    found: len as u64,
-                    expected,
-                },
-            )
-        };
+        let bad = |expected: u64| (Field::ReturnPath, Defect::BadValue { found: len as u64, expected });
         let be32 = |p: &[u8]| u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
         let msg = match RpType::from_wire(h.kind.get()) {
             RpType::Shut | RpType::Pong if len != 4 => return Err(bad(4)),
@@ -185,24 +156,13 @@ impl<'a> RpMessage<'a> {
                     Self::ReqPages { start, len: rlen }
                 } else {
                     match counted_str(payload, 12, Field::ReturnPath)? {
-                        Ok((block, end)) if end == len => Self::ReqPagesId {
-                            start,
-                            len: rlen,
-                            block,
-                        },
-                        _ => {
-                            return Err(bad(13 + u64::from(payload.get(12).copied().unwrap_or(1))))
-                        }
+                        Ok((block, end)) if end == len => Self::ReqPagesId { start, len: rlen, block },
+                        _ => return Err(bad(13 + u64::from(payload.get(12).copied().unwrap_or(1)))),
                     }
                 }
             }
             other => {
-                return Err((
-                    Field::ReturnPath,
-                    Defect::Unknown {
-                        found: other.to_wire().into(),
-                    },
-                ));
+                return Err((Field::ReturnPath, Defect::Unknown { found: other.to_wire().into() }));
             }
         };
         Ok(Parsed::Done(msg, 4 + len))
@@ -220,18 +180,11 @@ mod tests {
             (b"\x00\x02\x00\x04\x00\x00\x00\x03", RpMessage::Pong(3)),
             (
                 b"\x00\x03\x00\x13\x00\x00\x00\x00\x00\x1c\x00\x00\x00\x00\x10\x00\x06pc.ram",
-                RpMessage::ReqPagesId {
-                    start: 0x1c0000,
-                    len: 0x1000,
-                    block: b"pc.ram",
-                },
+                RpMessage::ReqPagesId { start: 0x1c0000, len: 0x1000, block: b"pc.ram" },
             ),
             (
                 b"\x00\x04\x00\x0c\x00\x00\x00\x00\x00\x18\x00\x00\x00\x00\x20\x00",
-                RpMessage::ReqPages {
-                    start: 0x180000,
-                    len: 0x2000,
-                },
+                RpMessage::ReqPages { start: 0x180000, len: 0x2000 },
             ),
         ];
         for (bytes, msg) in cases {

@@ -64,18 +64,12 @@ impl<'a> FullHeader<'a> {
 
     /// Writes the header.
     pub fn emit(&self, w: &mut Writer<'_>) -> Option<()> {
-        let kind = if self.start {
-            SectionType::Start
-        } else {
-            SectionType::Full
-        };
+        let kind = if self.start { SectionType::Start } else { SectionType::Full };
         w.put(&[kind.to_byte()])?;
         w.put(&self.section_id.to_be_bytes())?;
         w.put_counted(self.idstr)?;
-        let tail = FullHeaderTail {
-            instance_id: U32::new(self.instance_id),
-            version_id: U32::new(self.version_id),
-        };
+        let tail =
+            FullHeaderTail { instance_id: U32::new(self.instance_id), version_id: U32::new(self.version_id) };
         w.put(tail.as_bytes())
     }
 }
@@ -104,10 +98,7 @@ impl ShortHeader {
 
     /// Writes a short header or footer.
     pub fn emit(kind: SectionType, section_id: u32, w: &mut Writer<'_>) -> Option<()> {
-        let h = Self {
-            kind: kind.to_byte(),
-            section_id: U32::new(section_id),
-        };
+        let h = Self { kind: kind.to_byte(), section_id: U32::new(section_id) };
         w.put(h.as_bytes())
     }
 }
@@ -120,13 +111,8 @@ mod tests {
     fn ram_start_header_from_real_qemu() {
         // `-machine none -m 32` START record head: 01 00000002 03 "ram" 00000000 00000004.
         let cap = b"\x01\x00\x00\x00\x02\x03ram\x00\x00\x00\x00\x00\x00\x00\x04";
-        let expected = FullHeader {
-            start: true,
-            section_id: 2,
-            idstr: b"ram",
-            instance_id: 0,
-            version_id: 4,
-        };
+        let expected =
+            FullHeader { start: true, section_id: 2, idstr: b"ram", instance_id: 0, version_id: 4 };
         assert_eq!(FullHeader::parse(cap), Ok(Parsed::Done(expected, 17)));
         for cut in 0..cap.len() {
             assert!(matches!(FullHeader::parse(&cap[..cut]), Ok(Parsed::Need(n)) if n > cut));

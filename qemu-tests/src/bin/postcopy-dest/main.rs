@@ -2,13 +2,15 @@
 //!
 //! ```text
 //! postcopy-dest (--listen unix:PATH | --listen tcp:HOST:PORT | --input FILE)
-//!               [--dump-dir DIR] [--touch random|seq] [--vcpus N] [--record FILE]
-//!               [--dialect qemu72|v5] [--machine NAME] [--seed N]
+//!               [--dump-dir DIR] [--touch random|seq] [--vcpus N] [--stage2 ept|npt]
+//!               [--record FILE] [--dialect qemu72|v5] [--machine NAME] [--seed N]
 //! ```
 //!
 //! It accepts one connection from a QEMU source (the return path is the same connection) or
-//! replays a recorded stream, runs the agent's engine over host memory, and after RUN lets
-//! simulated vCPUs touch pages that have not arrived, so page requests really happen. The
+//! replays a recorded stream, runs the agent's engine over host memory behind a real EPT (or
+//! NPT) table built by `hal::stage2`, and after RUN lets simulated vCPUs touch pages that
+//! have not arrived: each access walks the table, and a missing entry is an exit into the
+//! agent, so page requests really happen. The
 //! last stdout line is a JSON summary; the exit status is 0 only for a completed migration.
 
 mod ports;
@@ -25,7 +27,8 @@ use std::time::Instant;
 use agent::postcopy::{Engine, EngineConfig, Shared, Stats};
 use agent::wire::command::Dialect;
 
-use ports::{HostPorts, SocketReturnPath, SoftStage2};
+use hal::stage2::{Ept, Format, Npt};
+use ports::{HostPorts, SharedTable, SocketReturnPath, Wakeups};
 use vcpu::{Touch, VcpuReport};
 
 /// Bytes of the receive ring (the hypervisor's vsock RX buffers play this role).
@@ -50,6 +53,7 @@ struct Args {
     dialect: Dialect,
     machine: Option<String>,
     seed: u64,
+    npt: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -63,6 +67,7 @@ fn parse_args() -> Result<Args, String> {
         dialect: Dialect::Qemu72,
         machine: None,
         seed: 1,
+        npt: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -89,11 +94,8 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--vcpus" => {
-                args.vcpus = value()?
-                    .parse()
-                    .ok()
-                    .filter(|&n| (1..=64).contains(&n))
-                    .ok_or("--vcpus: 1..=64")?
+                args.vcpus =
+                    value()?.parse().ok().filter(|&n| (1..=64).contains(&n)).ok_or("--vcpus: 1..=64")?
             }
             "--dialect" => {
                 args.dialect = match value()?.as_str() {
@@ -103,6 +105,13 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--machine" => args.machine = Some(value()?),
+            "--stage2" => {
+                args.npt = match value()?.as_str() {
+                    "ept" => false,
+                    "npt" => true,
+                    other => return Err(format!("--stage2 {other}: expected ept or npt")),
+                }
+            }
             "--seed" => args.seed = value()?.parse().map_err(|_| "--seed: a number")?,
             "-h" | "--help" => {
                 println!("{}", USAGE);
@@ -116,7 +125,8 @@ fn parse_args() -> Result<Args, String> {
 }
 
 const USAGE: &str = "usage: postcopy-dest (--listen unix:PATH | --listen tcp:HOST:PORT | --input FILE) \
-[--dump-dir DIR] [--touch random|seq] [--vcpus N] [--record FILE] [--dialect qemu72|v5] [--machine NAME] [--seed N]";
+[--dump-dir DIR] [--touch random|seq] [--vcpus N] [--stage2 ept|npt] [--record FILE] [--dialect qemu72|v5] \
+[--machine NAME] [--seed N]";
 
 /// The byte source and, for a connection, its write half for the return path.
 type Connection = (Box<dyn Read + Send>, Option<Box<dyn Write + Send>>);
@@ -125,31 +135,21 @@ fn connect(source: &Source) -> Result<Connection, String> {
     match source {
         Source::Unix(path) => {
             let _ = std::fs::remove_file(path);
-            let listener =
-                UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))?;
+            let listener = UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))?;
             let (stream, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-            let rp = stream
-                .try_clone()
-                .map_err(|e| format!("clone socket: {e}"))?;
+            let rp = stream.try_clone().map_err(|e| format!("clone socket: {e}"))?;
             Ok((Box::new(stream), Some(Box::new(rp))))
         }
         Source::Tcp(addr) => {
             let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
             let (stream, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-            stream
-                .set_nodelay(true)
-                .map_err(|e| format!("nodelay: {e}"))?;
-            let rp = stream
-                .try_clone()
-                .map_err(|e| format!("clone socket: {e}"))?;
+            stream.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
+            let rp = stream.try_clone().map_err(|e| format!("clone socket: {e}"))?;
             Ok((Box::new(stream), Some(Box::new(rp))))
         }
         Source::File(path) => {
             let file = File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
-            Ok((
-                Box::new(std::io::BufReader::with_capacity(1 << 20, file)),
-                None,
-            ))
+            Ok((Box::new(std::io::BufReader::with_capacity(1 << 20, file)), None))
         }
     }
 }
@@ -159,10 +159,19 @@ struct Outcome {
     state: &'static str,
     faults: u64,
     requests: u64,
+    invalidations: u64,
     vcpus: Vec<VcpuReport>,
 }
 
 fn run(args: &Args) -> Result<Outcome, String> {
+    if args.npt {
+        run_on::<Npt>(args)
+    } else {
+        run_on::<Ept>(args)
+    }
+}
+
+fn run_on<F: Format>(args: &Args) -> Result<Outcome, String> {
     let (mut input, rp) = connect(&args.source)?;
     let mut record = match &args.record {
         Some(p) => Some(File::create(p).map_err(|e| format!("create {}: {e}", p.display()))?),
@@ -171,20 +180,18 @@ fn run(args: &Args) -> Result<Outcome, String> {
     let received = page_bitmap(MAX_GUEST_RAM);
     let requested = page_bitmap(MAX_GUEST_RAM);
     let shared = Shared::new(&received, &requested, SocketReturnPath(rp));
-    let stage2 = SoftStage2::default();
-    let config = EngineConfig {
-        dialect: args.dialect,
-        machine: args.machine.as_deref().map(str::as_bytes),
-    };
-    let mut engine = Engine::new(&shared, HostPorts::new(&stage2), config);
+    let table = SharedTable::<F>::default();
+    let wakeups = Wakeups::new(args.vcpus);
+    let config = EngineConfig { dialect: args.dialect, machine: args.machine.as_deref().map(str::as_bytes) };
+    let mut engine = Engine::new(&shared, HostPorts::new(&table, &wakeups), config);
     let stop = AtomicBool::new(false);
 
     let (result, vcpus) = std::thread::scope(|s| {
         let handles: Vec<_> = (0..args.vcpus)
             .map(|i| {
-                let (shared, stage2, stop) = (&shared, &stage2, &stop);
+                let (shared, table, wakeups, stop) = (&shared, &table, &wakeups, &stop);
                 let seed = args.seed.wrapping_add(i as u64 * 0x9e37_79b9);
-                s.spawn(move || vcpu::run(shared, stage2, args.touch, seed, stop))
+                s.spawn(move || vcpu::run(i, shared, table, wakeups, args.touch, seed, stop))
             })
             .collect();
         let result = receive(&mut engine, &mut input, record.as_mut());
@@ -206,20 +213,19 @@ fn run(args: &Args) -> Result<Outcome, String> {
         state: shared.state.get().name(),
         faults: shared.counters.faults.load(Ordering::Relaxed),
         requests: shared.counters.requests.load(Ordering::Relaxed),
+        invalidations: table.invalidations(),
         vcpus,
     })
 }
 
 /// One bit per 4 KiB page of `bytes` of guest RAM.
 fn page_bitmap(bytes: u64) -> Vec<AtomicU64> {
-    (0..bytes / (64 * 4096))
-        .map(|_| AtomicU64::new(0))
-        .collect()
+    (0..bytes / (64 * 4096)).map(|_| AtomicU64::new(0)).collect()
 }
 
 /// Reads the stream into the ring and feeds the engine until the migration completes.
-fn receive<R: agent::ports::ReturnPath>(
-    engine: &mut Engine<'_, '_, '_, R, HostPorts<'_>>,
+fn receive<R: agent::ports::ReturnPath, F: Format>(
+    engine: &mut Engine<'_, '_, '_, R, HostPorts<'_, F>>,
     input: &mut dyn Read,
     mut record: Option<&mut File>,
 ) -> Result<(), String> {
@@ -228,11 +234,7 @@ fn receive<R: agent::ports::ReturnPath>(
     loop {
         // Read into the free space up to the ring's end (or up to the head, after a wrap).
         let tail = (head + len) % RING;
-        let free_end = if tail >= head && len < RING {
-            RING
-        } else {
-            head
-        };
+        let free_end = if tail >= head && len < RING { RING } else { head };
         let n = if len == RING {
             0
         } else {
@@ -243,8 +245,7 @@ fn receive<R: agent::ports::ReturnPath>(
             }
         };
         if let Some(f) = record.as_mut() {
-            f.write_all(&ring[tail..tail + n])
-                .map_err(|e| format!("--record: {e}"))?;
+            f.write_all(&ring[tail..tail + n]).map_err(|e| format!("--record: {e}"))?;
         }
         len += n;
         let first_len = len.min(RING - head);
@@ -296,6 +297,7 @@ fn main() {
                 "page_requests": o.requests,
                 "faults": o.faults,
                 "vcpu_waits": waits,
+                "stage2_invalidations": o.invalidations,
                 "device_state_bytes": s.device_state_bytes,
                 "bytes": s.bytes,
                 "seconds": started.elapsed().as_secs_f64(),

@@ -1,86 +1,133 @@
-//! The agent's ports over host memory: guest RAM in `Vec`s, a software stage-2 map that the
-//! simulated vCPUs consult on every access, and a condition variable for parked vCPUs.
+//! The agent's ports over host memory: guest RAM frames in host `Vec`s, behind a real EPT or
+//! NPT table (`hal::stage2`, the code the hypervisor runs) that the simulated vCPUs walk on
+//! every access, and a wake-up token per vCPU.
 
-use std::collections::HashSet;
 use std::io::Write;
-use std::sync::{Condvar, Mutex, RwLock};
+use std::sync::{Condvar, Mutex, OnceLock, RwLock};
 
-use agent::ports::{
-    DeviceStateSink, GuestMemory, PageWaiters, Refused, ReturnPath, SendFailed, Stage2,
-};
+use agent::ports::{DeviceStateSink, GuestMemory, PageWaiters, Refused, ReturnPath, SendFailed, Stage2};
+use hal::stage2::{Flush, Format, FramePool, Gpa, Hpa, Invalidate, Perms, Scope, TablePage, Translation};
 
-/// Guest-physical pages mapped for the guest, and the wait/wake point of parked vCPUs.
-#[derive(Debug, Default)]
-pub struct SoftStage2 {
-    mapped: RwLock<HashSet<u64>>,
-    /// Bumped on every release; vCPUs wait on it.
-    generation: Mutex<u64>,
-    released: Condvar,
+/// Host "physical" address of the first guest frame; blocks follow, each 2 MiB aligned.
+const FRAMES_BASE: u64 = 1 << 30;
+/// Host "physical" address of the table pages (apart from the frames).
+const TABLES_BASE: u64 = 1 << 40;
+const TWO_MIB: u64 = 2 << 20;
+
+/// The stage-2 table shared by the stream context (edits) and the vCPUs (walks).
+#[derive(Debug)]
+pub struct SharedTable<F: Format> {
+    table: OnceLock<RwLock<hal::stage2::Stage2<'static, F>>>,
+    /// Host-physical base of each block's frames.
+    bases: RwLock<Vec<u64>>,
+    invalidations: Mutex<u64>,
 }
 
-impl SoftStage2 {
-    /// Whether `gpa`'s page is mapped (a vCPU access would not fault).
-    pub fn is_mapped(&self, gpa: u64) -> bool {
-        self.mapped
-            .read()
-            .expect("stage-2 lock")
-            .contains(&(gpa & !0xfff))
+impl<F: Format> Default for SharedTable<F> {
+    fn default() -> Self {
+        Self { table: OnceLock::new(), bases: RwLock::default(), invalidations: Mutex::new(0) }
+    }
+}
+
+impl<F: Format> SharedTable<F> {
+    /// A vCPU's access: walk the table. `None` is an EPT violation / #NPF.
+    pub fn translate(&self, gpa: u64) -> Option<Translation> {
+        self.table.get()?.read().expect("stage-2 lock").translate(Gpa(gpa))
     }
 
-    /// Parks until `gpa` is mapped or `give_up()` says to stop. Re-checks the mapping under
-    /// the wait lock, so a release between the fault and the wait is not lost.
-    pub fn wait_mapped(&self, gpa: u64, give_up: impl Fn() -> bool) -> bool {
-        let mut generation = self.generation.lock().expect("wait lock");
+    /// Invalidations the edits asked for (one per discard command that unmapped something).
+    pub fn invalidations(&self) -> u64 {
+        *self.invalidations.lock().expect("invalidation count")
+    }
+
+    /// The table, built on first use: by then every block is declared, so the pool is sized
+    /// for all of guest RAM mapped with 4 KiB pages.
+    fn table(&self) -> &RwLock<hal::stage2::Stage2<'static, F>> {
+        self.table.get_or_init(|| {
+            let bases = self.bases.read().expect("bases");
+            let ram: u64 = bases.last().copied().unwrap_or(FRAMES_BASE) - FRAMES_BASE;
+            // One page table per 2 MiB, plus the upper levels of up to 8 regions.
+            let tables = (ram / TWO_MIB) as usize + 64;
+            // One process, one table: the slab lives as long as the process.
+            let slab: &'static mut [TablePage] = Vec::from_iter((0..tables).map(|_| TablePage::new())).leak();
+            let pool = FramePool::new(slab, Hpa(TABLES_BASE)).expect("table pool");
+            RwLock::new(hal::stage2::Stage2::new(pool).expect("stage-2 root"))
+        })
+    }
+}
+
+/// Counts the invalidations tokens ask for. The simulated vCPUs keep no TLB (they walk the
+/// table on every access), so counting is all a flush has to do here.
+struct CountInvalidations<'a>(&'a Mutex<u64>);
+
+impl<F: Format> Invalidate<F> for CountInvalidations<'_> {
+    fn invalidate(&mut self, _scope: Scope) {
+        *self.0.lock().expect("invalidation count") += 1;
+    }
+}
+
+/// One wake-up token per vCPU (the agent may release a vCPU before it sleeps).
+#[derive(Debug)]
+pub struct Wakeups {
+    tokens: Mutex<Vec<bool>>,
+    woken: Condvar,
+}
+
+impl Wakeups {
+    pub fn new(vcpus: usize) -> Self {
+        Self { tokens: Mutex::new(vec![false; vcpus]), woken: Condvar::new() }
+    }
+
+    /// Parks vCPU `v` until its token is set (consuming it), or `give_up()`.
+    pub fn park(&self, v: usize, give_up: impl Fn() -> bool) -> bool {
+        let mut tokens = self.tokens.lock().expect("wake tokens");
         loop {
-            if self.is_mapped(gpa) {
+            if std::mem::take(&mut tokens[v]) {
                 return true;
             }
             if give_up() {
                 return false;
             }
             let timeout = std::time::Duration::from_millis(50);
-            generation = self
-                .released
-                .wait_timeout(generation, timeout)
-                .expect("wait lock")
-                .0;
+            tokens = self.woken.wait_timeout(tokens, timeout).expect("wake tokens").0;
         }
     }
 
-    fn release_all(&self) {
-        *self.generation.lock().expect("wait lock") += 1;
-        self.released.notify_all();
+    fn release(&self, v: usize) {
+        if let Some(t) = self.tokens.lock().expect("wake tokens").get_mut(v) {
+            *t = true;
+        }
+        self.woken.notify_all();
     }
 }
 
 /// The stream context's ports.
 #[derive(Debug)]
-pub struct HostPorts<'s> {
-    /// (name, contents) per RAMBlock.
+pub struct HostPorts<'s, F: Format> {
+    /// (name, contents) per RAMBlock: the guest frames.
     pub blocks: Vec<(Vec<u8>, Vec<u8>)>,
     /// Device state, kept for `--dump-dir`.
     pub device_state: Vec<u8>,
-    stage2: &'s SoftStage2,
+    table: &'s SharedTable<F>,
+    wakeups: &'s Wakeups,
+    /// Unmaps of the current discard command, flushed together.
+    pending: Option<Flush<F>>,
 }
 
-impl<'s> HostPorts<'s> {
-    pub fn new(stage2: &'s SoftStage2) -> Self {
-        Self {
-            blocks: Vec::new(),
-            device_state: Vec::new(),
-            stage2,
-        }
+impl<'s, F: Format> HostPorts<'s, F> {
+    pub fn new(table: &'s SharedTable<F>, wakeups: &'s Wakeups) -> Self {
+        Self { blocks: Vec::new(), device_state: Vec::new(), table, wakeups, pending: None }
     }
 }
 
-impl GuestMemory for HostPorts<'_> {
+impl<F: Format> GuestMemory for HostPorts<'_, F> {
     fn declare_block(&mut self, _index: usize, name: &[u8], len: u64) -> Result<(), Refused> {
         // Host RAM bounds what we accept: refuse blocks over 64 GiB rather than abort.
-        let len = usize::try_from(len)
-            .ok()
-            .filter(|&l| l <= 64 << 30)
-            .ok_or(Refused)?;
-        self.blocks.push((name.to_vec(), vec![0; len]));
+        let bytes = usize::try_from(len).ok().filter(|&l| l <= 64 << 30).ok_or(Refused)?;
+        self.blocks.push((name.to_vec(), vec![0; bytes]));
+        let mut bases = self.table.bases.write().expect("bases");
+        let base = bases.last().copied().unwrap_or(FRAMES_BASE);
+        bases.push(base + len.next_multiple_of(TWO_MIB));
         Ok(())
     }
 
@@ -95,36 +142,40 @@ impl GuestMemory for HostPorts<'_> {
     }
 }
 
-impl Stage2 for HostPorts<'_> {
-    fn map(&mut self, gpa: u64, _block: usize, _offset: u64) {
-        self.stage2
-            .mapped
-            .write()
-            .expect("stage-2 lock")
-            .insert(gpa);
+impl<F: Format> Stage2 for HostPorts<'_, F> {
+    fn map(&mut self, gpa: u64, block: usize, offset: u64) {
+        let table = self.table.table();
+        let base = if block == 0 { FRAMES_BASE } else { self.table.bases.read().expect("bases")[block - 1] };
+        let flush = table.write().expect("stage-2 lock").map_4k(Gpa(gpa), Hpa(base + offset), Perms::RWX);
+        // Mapping a not-present entry needs no invalidation; the token says so.
+        flush.expect("map a received page").flush(&mut CountInvalidations(&self.table.invalidations));
     }
 
     fn unmap(&mut self, gpa: u64, len: u64) {
-        let mut mapped = self.stage2.mapped.write().expect("stage-2 lock");
-        for page in (gpa..gpa + len).step_by(4096) {
-            mapped.remove(&page);
-        }
+        let flush = self.table.table().write().expect("stage-2 lock").unmap_range(Gpa(gpa), len);
+        let flush = flush.expect("unmap a discarded range");
+        self.pending = Some(match self.pending.take() {
+            Some(p) => p.merge(flush),
+            None => flush,
+        });
     }
 
     fn flush(&mut self) {
-        // The map is consulted on every access: an unmap is visible at once.
+        if let Some(p) = self.pending.take() {
+            p.flush(&mut CountInvalidations(&self.table.invalidations));
+        }
     }
 }
 
-impl DeviceStateSink for HostPorts<'_> {
+impl<F: Format> DeviceStateSink for HostPorts<'_, F> {
     fn device_state(&mut self, bytes: &[u8]) {
         self.device_state.extend_from_slice(bytes);
     }
 }
 
-impl PageWaiters for HostPorts<'_> {
-    fn release(&mut self, _block: usize, _offset: u64) {
-        self.stage2.release_all();
+impl<F: Format> PageWaiters for HostPorts<'_, F> {
+    fn release(&mut self, vcpu: usize) {
+        self.wakeups.release(vcpu);
     }
 }
 
@@ -135,10 +186,7 @@ pub struct SocketReturnPath<W>(pub Option<W>);
 impl<W: Write> ReturnPath for SocketReturnPath<W> {
     fn send(&mut self, message: &[u8]) -> Result<(), SendFailed> {
         match &mut self.0 {
-            Some(w) => w
-                .write_all(message)
-                .and_then(|()| w.flush())
-                .map_err(|_| SendFailed),
+            Some(w) => w.write_all(message).and_then(|()| w.flush()).map_err(|_| SendFailed),
             // A replayed stream has no source to answer.
             None => Ok(()),
         }
