@@ -63,7 +63,7 @@ pub fn run<R: ReturnPath + Send, F: Format>(
             break;
         }
         let gpa = pages[i] + (next(&mut rng) & 0xff8);
-        let access = if next(&mut rng) % 3 == 0 { Access::Write } else { Access::Read };
+        let access = if next(&mut rng).is_multiple_of(3) { Access::Write } else { Access::Read };
         loop {
             if table.translate(gpa).is_some() {
                 report.hits += 1;
