@@ -47,18 +47,12 @@ pub struct Flush<F: Format> {
 impl<F: Format> Flush<F> {
     /// The edit changed nothing the CPU may have cached.
     pub(crate) fn nothing() -> Self {
-        Self {
-            scope: None,
-            _format: PhantomData,
-        }
+        Self { scope: None, _format: PhantomData }
     }
 
     /// The edit changed or removed a present entry of the tree whose root pointer is `root`.
     pub(crate) fn context(root: u64) -> Self {
-        Self {
-            scope: Some(Scope::Context { root }),
-            _format: PhantomData,
-        }
+        Self { scope: Some(Scope::Context { root }), _format: PhantomData }
     }
 
     /// Whether flushing will invalidate anything.
@@ -77,10 +71,7 @@ impl<F: Format> Flush<F> {
             (Some(a), Some(b)) => Some(a.union(b)),
             (a, b) => a.or(b),
         };
-        Self {
-            scope,
-            _format: PhantomData,
-        }
+        Self { scope, _format: PhantomData }
     }
 
     /// Performs the invalidation, if one is needed.
@@ -125,9 +116,6 @@ impl<F: Format> Drop for Flush<F> {
 
 impl<F: Format> core::fmt::Debug for Flush<F> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Flush")
-            .field("format", &F::NAME)
-            .field("scope", &self.scope)
-            .finish()
+        f.debug_struct("Flush").field("format", &F::NAME).field("scope", &self.scope).finish()
     }
 }

@@ -33,10 +33,7 @@ pub struct NextVmrunFlush {
 impl NextVmrunFlush {
     /// Nothing pending; `flush_by_asid` says whether the CPU has FlushByAsid.
     pub const fn new(flush_by_asid: bool) -> Self {
-        Self {
-            pending: None,
-            flush_by_asid,
-        }
+        Self { pending: None, flush_by_asid }
     }
 
     /// The TLB_CONTROL value for the VMRUN about to happen; clears the request. The VMRUN path
@@ -127,9 +124,7 @@ mod vmx {
         /// For as long as the value lives, the current logical processor stays in VMX root
         /// operation and supports single-context and all-context INVEPT.
         pub unsafe fn new() -> Self {
-            Self {
-                _this_cpu: PhantomData,
-            }
+            Self { _this_cpu: PhantomData }
         }
     }
 

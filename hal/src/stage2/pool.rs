@@ -74,10 +74,7 @@ impl<'a> FramePool<'a> {
     /// A pool over `pages`, whose first page is at host-physical `base`.
     pub fn new(pages: &'a mut [TablePage], base: Hpa) -> Result<Self, Error> {
         if !base.0.is_multiple_of(PAGE_4K) {
-            return Err(Error::Misaligned {
-                addr: base.0,
-                align: PAGE_4K,
-            });
+            return Err(Error::Misaligned { addr: base.0, align: PAGE_4K });
         }
         let fits = (pages.len() as u64)
             .checked_mul(PAGE_4K)
@@ -86,11 +83,7 @@ impl<'a> FramePool<'a> {
         if !fits {
             return Err(Error::HpaOutOfRange { hpa: base.0 });
         }
-        Ok(Self {
-            pages,
-            base: base.0,
-            used: 0,
-        })
+        Ok(Self { pages, base: base.0, used: 0 })
     }
 
     /// A pool where physical address = virtual address: the image's identity map, and host
@@ -134,10 +127,7 @@ impl<'a> FramePool<'a> {
     /// A zeroed table, not yet reachable by any walker.
     pub(crate) fn alloc(&mut self) -> Result<TableId, Error> {
         let Some(page) = self.pages.get(self.used) else {
-            return Err(Error::PoolExhausted {
-                needed: 1,
-                available: 0,
-            });
+            return Err(Error::PoolExhausted { needed: 1, available: 0 });
         };
         // The slab may hold anything (a reused buffer); a new table must be all not-present.
         page.clear_all();

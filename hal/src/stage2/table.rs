@@ -67,11 +67,7 @@ impl<'a, F: Format> Stage2<'a, F> {
     /// An empty tree; takes the root table from `pool`.
     pub fn new(mut pool: FramePool<'a>) -> Result<Self, Error> {
         let root = pool.alloc()?;
-        Ok(Self {
-            pool,
-            root,
-            _format: PhantomData,
-        })
+        Ok(Self { pool, root, _format: PhantomData })
     }
 
     /// What the CPU is given for this tree: the EPTP (Intel) or nCR3 (AMD).
@@ -139,10 +135,7 @@ impl<'a, F: Format> Stage2<'a, F> {
         let slot = Level::Pd.index(gpa.0);
         match self.pd_entry(pd, gpa.0)? {
             PdEntry::Table(pt) => self.fill_4k(pt, hpa.0, perms),
-            _ => self
-                .pool
-                .page(pd)
-                .set(slot, F::leaf(hpa.0, perms, PageSize::Size2M)),
+            _ => self.pool.page(pd).set(slot, F::leaf(hpa.0, perms, PageSize::Size2M)),
         }
         Ok(Flush::nothing())
     }
@@ -161,10 +154,7 @@ impl<'a, F: Format> Stage2<'a, F> {
         // Only the first and last 2 MiB regions can be partly covered.
         let (head, tail) = (align_down(start, PAGE_2M), align_down(end - 1, PAGE_2M));
         let mut splits = 0;
-        for chunk in [Some(head), (tail != head).then_some(tail)]
-            .into_iter()
-            .flatten()
-        {
+        for chunk in [Some(head), (tail != head).then_some(tail)].into_iter().flatten() {
             let covered = start <= chunk && chunk + PAGE_2M <= end;
             if !covered && self.leaf_2m_at(chunk)?.is_some() {
                 splits += 1;
@@ -238,11 +228,7 @@ impl<'a, F: Format> Stage2<'a, F> {
             }
         };
         let frame = align_down(F::frame_of(entry), size.bytes());
-        Some(Translation {
-            hpa: Hpa(frame + gpa.0 % size.bytes()),
-            perms: F::perms_of(entry),
-            size,
-        })
+        Some(Translation { hpa: Hpa(frame + gpa.0 % size.bytes()), perms: F::perms_of(entry), size })
     }
 
     fn token(&self, changed: bool) -> Flush<F> {
@@ -394,10 +380,7 @@ fn check_range(gpa: Gpa, len: u64, align: u64) -> Result<(), Error> {
 /// A `size`-aligned host frame that fits the entry's address field.
 fn check_frame(hpa: Hpa, size: u64) -> Result<(), Error> {
     if !hpa.0.is_multiple_of(size) {
-        return Err(Error::Misaligned {
-            addr: hpa.0,
-            align: size,
-        });
+        return Err(Error::Misaligned { addr: hpa.0, align: size });
     }
     if hpa.0 >= HPA_LIMIT {
         return Err(Error::HpaOutOfRange { hpa: hpa.0 });

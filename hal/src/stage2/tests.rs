@@ -49,13 +49,8 @@ for_both_formats!(
     fn run<F: Format>() {
         let mut pages = slab(8);
         let mut s2 = Stage2::<F>::new(FramePool::identity(&mut pages).unwrap()).unwrap();
-        let flush = s2
-            .map_4k(Gpa(0x1234_5000), Hpa(0x9_8765_4000), Perms::READ)
-            .unwrap();
-        assert!(
-            !flush.is_needed(),
-            "not-present → present needs no invalidation"
-        );
+        let flush = s2.map_4k(Gpa(0x1234_5000), Hpa(0x9_8765_4000), Perms::READ).unwrap();
+        assert!(!flush.is_needed(), "not-present → present needs no invalidation");
         flush.ignore();
         let t = s2.translate(Gpa(0x1234_5678)).unwrap();
         assert_eq!(t.hpa, Hpa(0x9_8765_4678));
@@ -73,9 +68,7 @@ for_both_formats!(
     fn run<F: Format>() {
         let mut pages = slab(8);
         let mut s2 = Stage2::<F>::new(FramePool::identity(&mut pages).unwrap()).unwrap();
-        s2.map_2m(Gpa(GIB + 2 * MIB), Hpa(64 * MIB), Perms::RWX)
-            .unwrap()
-            .ignore();
+        s2.map_2m(Gpa(GIB + 2 * MIB), Hpa(64 * MIB), Perms::RWX).unwrap().ignore();
         let t = s2.translate(Gpa(GIB + 3 * MIB + 5)).unwrap();
         assert_eq!(t.hpa, Hpa(65 * MIB + 5));
         assert_eq!(t.size, PageSize::Size2M);
@@ -89,18 +82,11 @@ for_both_formats!(
     fn run<F: Format>() {
         let mut pages = slab(8);
         let mut s2 = Stage2::<F>::new(FramePool::identity(&mut pages).unwrap()).unwrap();
-        s2.map_2m(Gpa(0), Hpa(2 * MIB), Perms::RWX)
-            .unwrap()
-            .ignore();
+        s2.map_2m(Gpa(0), Hpa(2 * MIB), Perms::RWX).unwrap().ignore();
         let mut inv = CountingInvalidate::default();
         s2.unmap_range(Gpa(0x3000), 0x2000).unwrap().flush(&mut inv);
         assert_eq!(inv.calls, 1);
-        assert_eq!(
-            inv.last,
-            Some(Scope::Context {
-                root: s2.root_pointer()
-            })
-        );
+        assert_eq!(inv.last, Some(Scope::Context { root: s2.root_pointer() }));
         assert_eq!(s2.translate(Gpa(0x3000)), None);
         assert_eq!(s2.translate(Gpa(0x4fff)), None);
         for page in [0, 0x2000, 0x5000, 0x1f_f000] {
@@ -118,9 +104,7 @@ for_both_formats!(
         let mut pages = slab(8);
         let mut s2 = Stage2::<F>::new(FramePool::identity(&mut pages).unwrap()).unwrap();
         let perms = Perms::READ | Perms::EXECUTE;
-        s2.map_2m(Gpa(4 * MIB), Hpa(8 * MIB), perms)
-            .unwrap()
-            .ignore();
+        s2.map_2m(Gpa(4 * MIB), Hpa(8 * MIB), perms).unwrap().ignore();
         let flush = s2.split_2m(Gpa(5 * MIB)).unwrap();
         assert!(flush.is_needed(), "the old 2 MiB translation may be cached");
         flush.ignore();
@@ -156,60 +140,36 @@ for_both_formats!(
         let e = |r: Result<Flush<F>, Error>| r.map(Flush::ignore).unwrap_err();
         assert_eq!(
             e(s2.map_4k(Gpa(GIB), Hpa(0), Perms::RWX)),
-            Error::PoolExhausted {
-                needed: 2,
-                available: 1
-            }
+            Error::PoolExhausted { needed: 2, available: 1 }
         );
-        assert_eq!(
-            e(s2.map_4k(Gpa(0x1000), Hpa(0), Perms::RWX)),
-            Error::AlreadyMapped { gpa: 0x1000 }
-        );
+        assert_eq!(e(s2.map_4k(Gpa(0x1000), Hpa(0), Perms::RWX)), Error::AlreadyMapped { gpa: 0x1000 });
         assert_eq!(
             e(s2.map_4k(Gpa(0x20_1000), Hpa(0), Perms::WRITE)),
-            Error::UnreadablePerms {
-                perms: Perms::WRITE
-            }
+            Error::UnreadablePerms { perms: Perms::WRITE }
         );
         assert_eq!(
             e(s2.map_2m(Gpa(0x10_0000), Hpa(0), Perms::RWX)),
-            Error::Misaligned {
-                addr: 0x10_0000,
-                align: PAGE_2M
-            }
+            Error::Misaligned { addr: 0x10_0000, align: PAGE_2M }
         );
         assert_eq!(
             e(s2.map_4k(Gpa(0x20_0000), Hpa(0x800), Perms::RWX)),
-            Error::Misaligned {
-                addr: 0x800,
-                align: PAGE_4K
-            }
+            Error::Misaligned { addr: 0x800, align: PAGE_4K }
         );
-        assert_eq!(
-            e(s2.map_4k(Gpa(GPA_LIMIT), Hpa(0), Perms::RWX)),
-            Error::GpaOutOfRange { gpa: GPA_LIMIT }
-        );
+        assert_eq!(e(s2.map_4k(Gpa(GPA_LIMIT), Hpa(0), Perms::RWX)), Error::GpaOutOfRange { gpa: GPA_LIMIT });
         assert_eq!(
             e(s2.map_4k(Gpa(0x20_0000), Hpa(HPA_LIMIT), Perms::RWX)),
             Error::HpaOutOfRange { hpa: HPA_LIMIT }
         );
         assert_eq!(
             e(s2.unmap_range(Gpa(GPA_LIMIT - PAGE_4K), 2 * PAGE_4K)),
-            Error::GpaOutOfRange {
-                gpa: GPA_LIMIT - PAGE_4K
-            }
+            Error::GpaOutOfRange { gpa: GPA_LIMIT - PAGE_4K }
         );
         // Use the last table on a split, then a second split has nothing left.
-        s2.map_2m(Gpa(2 * MIB), Hpa(2 * MIB), Perms::RWX)
-            .unwrap()
-            .ignore();
+        s2.map_2m(Gpa(2 * MIB), Hpa(2 * MIB), Perms::RWX).unwrap().ignore();
         s2.split_2m(Gpa(0)).unwrap().ignore();
         assert_eq!(
             e(s2.unmap_range(Gpa(2 * MIB), PAGE_4K)),
-            Error::PoolExhausted {
-                needed: 1,
-                available: 0
-            }
+            Error::PoolExhausted { needed: 1, available: 0 }
         );
         let t = s2.translate(Gpa(2 * MIB)).unwrap();
         assert_eq!((t.hpa, t.size), (Hpa(2 * MIB), PageSize::Size2M));
@@ -227,19 +187,10 @@ for_both_formats!(
             s2.map_2m(Gpa(at), Hpa(at), Perms::RWX).unwrap().ignore();
         }
         let refused = s2.unmap_range(Gpa(MIB), 4 * MIB).map(Flush::ignore);
-        assert_eq!(
-            refused,
-            Err(Error::PoolExhausted {
-                needed: 2,
-                available: 1
-            })
-        );
+        assert_eq!(refused, Err(Error::PoolExhausted { needed: 2, available: 1 }));
         for chunk in 0..3 {
             let t = s2.translate(Gpa(chunk * PAGE_2M + MIB)).unwrap();
-            assert_eq!(
-                (t.hpa, t.size),
-                (Hpa(chunk * PAGE_2M + MIB), PageSize::Size2M)
-            );
+            assert_eq!((t.hpa, t.size), (Hpa(chunk * PAGE_2M + MIB), PageSize::Size2M));
         }
     }
 );
@@ -249,20 +200,13 @@ for_both_formats!(
     fn run<F: Format>() {
         let mut pages = slab(8);
         let mut s2 = Stage2::<F>::new(FramePool::identity(&mut pages).unwrap()).unwrap();
-        s2.map_4k(Gpa(0x5000), Hpa(0x5000), Perms::RWX)
-            .unwrap()
-            .ignore();
+        s2.map_4k(Gpa(0x5000), Hpa(0x5000), Perms::RWX).unwrap().ignore();
         s2.unmap_range(Gpa(0), PAGE_2M).unwrap().ignore();
         let available = s2.pool().available();
-        s2.map_2m(Gpa(0), Hpa(4 * MIB), Perms::RWX)
-            .unwrap()
-            .ignore();
+        s2.map_2m(Gpa(0), Hpa(4 * MIB), Perms::RWX).unwrap().ignore();
         assert_eq!(s2.pool().available(), available);
         let t = s2.translate(Gpa(0x1f_f123)).unwrap();
-        assert_eq!(
-            (t.hpa, t.size),
-            (Hpa(4 * MIB + 0x1f_f123), PageSize::Size4K)
-        );
+        assert_eq!((t.hpa, t.size), (Hpa(4 * MIB + 0x1f_f123), PageSize::Size4K));
     }
 );
 
@@ -276,9 +220,7 @@ for_both_formats!(
         let mut pages = slab(needed);
         let mut s2 = Stage2::<F>::new(FramePool::identity(&mut pages).unwrap()).unwrap();
         for gpa in (start..start + len).step_by(PAGE_4K as usize) {
-            s2.map_4k(Gpa(gpa), Hpa(gpa % GIB), Perms::RWX)
-                .unwrap()
-                .ignore();
+            s2.map_4k(Gpa(gpa), Hpa(gpa % GIB), Perms::RWX).unwrap().ignore();
         }
         assert_eq!(s2.pool().available(), 0);
         assert_eq!(FramePool::tables_to_map(Gpa(0), 0), 1);
@@ -299,10 +241,7 @@ fn root_pointers_point_at_the_first_pool_page() {
 #[test]
 fn pool_refuses_a_misaligned_base() {
     let mut pages = slab(1);
-    assert!(matches!(
-        FramePool::new(&mut pages, Hpa(0x10_0800)),
-        Err(Error::Misaligned { .. })
-    ));
+    assert!(matches!(FramePool::new(&mut pages, Hpa(0x10_0800)), Err(Error::Misaligned { .. })));
 }
 
 #[test]
@@ -317,16 +256,11 @@ fn tokens_of_different_trees_merge_to_all_contexts() {
 #[test]
 fn merged_tokens_flush_once() {
     let mut inv = CountingInvalidate::default();
-    Flush::<Npt>::context(0x1000)
-        .merge(Flush::context(0x1000))
-        .flush(&mut inv);
+    Flush::<Npt>::context(0x1000).merge(Flush::context(0x1000)).flush(&mut inv);
     assert_eq!(inv.calls, 1);
     assert_eq!(inv.last, Some(Scope::Context { root: 0x1000 }));
     Flush::<Npt>::nothing().flush(&mut inv);
-    assert_eq!(
-        inv.calls, 1,
-        "a token that needs nothing invalidates nothing"
-    );
+    assert_eq!(inv.calls, 1, "a token that needs nothing invalidates nothing");
 }
 
 #[test]

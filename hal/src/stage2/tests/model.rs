@@ -66,11 +66,7 @@ enum Table {
 impl Table {
     /// The tables a walk to `gpa` passes through below the root.
     fn path(gpa: u64) -> [Table; 3] {
-        [
-            Table::Pdpt(gpa >> 39),
-            Table::Pd(gpa >> 30),
-            Table::Pt(gpa >> 21),
-        ]
+        [Table::Pdpt(gpa >> 39), Table::Pd(gpa >> 30), Table::Pt(gpa >> 21)]
     }
 }
 
@@ -130,8 +126,7 @@ impl Model {
                     self.leaves_2m.insert(gpa);
                 }
                 for i in 0..PAGE_2M / PAGE_4K {
-                    self.pages
-                        .insert(gpa + i * PAGE_4K, (hpa + i * PAGE_4K, perms));
+                    self.pages.insert(gpa + i * PAGE_4K, (hpa + i * PAGE_4K, perms));
                 }
                 Ok(false)
             }
@@ -182,11 +177,7 @@ impl Model {
         } else {
             PageSize::Size4K
         };
-        Some(Translation {
-            hpa: Hpa(frame + gpa % PAGE_4K),
-            perms,
-            size,
-        })
+        Some(Translation { hpa: Hpa(frame + gpa % PAGE_4K), perms, size })
     }
 }
 
@@ -224,25 +215,15 @@ fn touched(op: &Op) -> core::ops::Range<u64> {
 fn assert_agrees<F: Format>(s2: &Stage2<'_, F>, model: &Model, range: core::ops::Range<u64>) {
     for page in range.step_by(PAGE_4K as usize) {
         let gpa = page + 0x9a8;
-        assert_eq!(
-            s2.translate(Gpa(gpa)),
-            model.translate(gpa),
-            "{} translation of {gpa:#x}",
-            F::NAME
-        );
+        assert_eq!(s2.translate(Gpa(gpa)), model.translate(gpa), "{} translation of {gpa:#x}", F::NAME);
     }
 }
 
 fn check_sequence<F: Format>(capacity: usize, batches: &[Vec<Op>]) {
     let mut slab = slab(capacity);
     let mut s2 = Stage2::<F>::new(FramePool::identity(&mut slab).unwrap()).unwrap();
-    let mut model = Model {
-        capacity,
-        ..Model::default()
-    };
-    let root = Scope::Context {
-        root: s2.root_pointer(),
-    };
+    let mut model = Model { capacity, ..Model::default() };
+    let root = Scope::Context { root: s2.root_pointer() };
     for batch in batches {
         let mut merged: Option<Flush<F>> = None;
         let mut batch_needs_flush = false;
