@@ -5,9 +5,11 @@
 //! Every QEMU runs with `-accel tcg` (KVM guests make no progress on this machine),
 //! and every child process is killed when its handle is dropped.
 
+pub mod baseline;
 pub mod capture;
 pub mod dest;
 pub mod guest;
+pub mod hosted;
 pub mod install;
 pub mod oracle;
 pub mod process;
