@@ -190,6 +190,35 @@ impl Iterator for MaskRuns {
     }
 }
 
+/// Encodes sorted, non-overlapping page runs `(first_page, pages)` the way the v5 source
+/// did: one `(start, mask)` entry per 32-page word that holds a discarded page, words aligned
+/// to 32 pages of the block (so `first_bit_offset` is 0). Calls `emit` per entry, in order.
+pub fn encode_masks(runs: impl IntoIterator<Item = (u64, u64)>, mut emit: impl FnMut(u64, u32)) {
+    let mut word: Option<(u64, u32)> = None;
+    for (first, pages) in runs {
+        let mut page = first;
+        let end = first.saturating_add(pages);
+        while page < end {
+            let base = page & !31;
+            let upto = end.min(base + 32);
+            let bits = (upto - page) as u32;
+            let mask = if bits == 32 { u32::MAX } else { ((1u32 << bits) - 1) << (page - base) };
+            word = match word {
+                Some((b, m)) if b == base => Some((b, m | mask)),
+                Some((b, m)) => {
+                    emit(b, m);
+                    Some((base, mask))
+                }
+                None => Some((base, mask)),
+            };
+            page = upto;
+        }
+    }
+    if let Some((b, m)) = word {
+        emit(b, m);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +246,19 @@ mod tests {
             Err((Field::CommandLength, Defect::BadValue { found: 23, expected: 22 }))
         );
         assert!(matches!(DiscardHeader::parse(good, 19, Dialect::Qemu72), Err((Field::CommandLength, _))));
+    }
+
+    #[test]
+    fn masks_encode_and_decode_to_the_same_runs() {
+        let runs = [(3u64, 2u64), (7, 1), (30, 40), (200, 1)];
+        let mut entries = std::vec::Vec::new();
+        encode_masks(runs, |s, m| entries.push((s, m)));
+        assert_eq!(entries, [(0, 0b1001_1000 | 0xc000_0000), (32, u32::MAX), (64, 0x3f), (192, 1 << 8)]);
+        let mut back = std::vec::Vec::new();
+        for (s, m) in entries {
+            back.extend(MaskRuns::new(s, m, 0).map(Result::unwrap));
+        }
+        assert_eq!(back, [(3, 2), (7, 1), (30, 2), (32, 32), (64, 6), (200, 1)]);
     }
 
     #[test]

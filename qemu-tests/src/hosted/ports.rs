@@ -74,6 +74,7 @@ pub struct Wakeups {
 }
 
 impl Wakeups {
+    /// Tokens for `vcpus` vCPUs.
     pub fn new(vcpus: usize) -> Self {
         Self { tokens: Mutex::new(vec![false; vcpus]), woken: Condvar::new() }
     }
@@ -115,6 +116,7 @@ pub struct HostPorts<'s, F: Format> {
 }
 
 impl<'s, F: Format> HostPorts<'s, F> {
+    /// Ports over `table` and `wakeups`.
     pub fn new(table: &'s SharedTable<F>, wakeups: &'s Wakeups) -> Self {
         Self { blocks: Vec::new(), device_state: Vec::new(), table, wakeups, pending: None }
     }

@@ -9,7 +9,7 @@ use agent::ports::ReturnPath;
 use agent::postcopy::{Access, Fault, Shared, State};
 use hal::stage2::Format;
 
-use crate::ports::{SharedTable, Wakeups};
+use super::ports::{SharedTable, Wakeups};
 
 /// Which pages the vCPU touches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

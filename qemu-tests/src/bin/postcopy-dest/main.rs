@@ -13,9 +13,6 @@
 //! agent, so page requests really happen. The
 //! last stdout line is a JSON summary; the exit status is 0 only for a completed migration.
 
-mod ports;
-mod vcpu;
-
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -28,8 +25,8 @@ use agent::postcopy::{Engine, EngineConfig, Shared, Stats};
 use agent::wire::command::Dialect;
 
 use hal::stage2::{Ept, Format, Npt};
-use ports::{HostPorts, SharedTable, SocketReturnPath, Wakeups};
-use vcpu::{Touch, VcpuReport};
+use qemu_tests::hosted::ports::{HostPorts, SharedTable, SocketReturnPath, Wakeups};
+use qemu_tests::hosted::vcpu::{self, Touch, VcpuReport};
 
 /// Bytes of the receive ring (the hypervisor's vsock RX buffers play this role).
 const RING: usize = 256 << 10;
