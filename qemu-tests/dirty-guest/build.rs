@@ -2,8 +2,7 @@
 use std::path::PathBuf;
 
 fn main() {
-    let dir =
-        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let script = dir.join("../../linker/dirty-guest.ld");
     let script = script.canonicalize().unwrap_or(script);
     println!("cargo:rerun-if-changed={}", script.display());
