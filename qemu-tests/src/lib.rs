@@ -10,7 +10,6 @@ pub mod capture;
 pub mod dest;
 pub mod guest;
 pub mod hosted;
-pub mod hosted;
 pub mod install;
 pub mod oracle;
 pub mod process;
