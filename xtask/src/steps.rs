@@ -7,7 +7,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use crate::{cargo, prereq, root, run};
+use crate::{cargo, prereq, root, run, target_dir};
 
 /// One check.
 enum Step {
@@ -44,6 +44,7 @@ fn steps() -> Vec<(&'static str, Step, Option<&'static str>)> {
             Step::Cargo(&["test", "--workspace", "--no-fail-fast"], &[]),
             None,
         ),
+        ("loom models (agent shared state)", Step::Check(loom), Some("agent/tests/loom.rs")),
         (
             "fuzz targets compile",
             Step::Cargo(&["check", "--manifest-path", "fuzz/Cargo.toml"], &[]),
@@ -87,4 +88,14 @@ pub fn test() -> bool {
     }
     println!("{}", if all { "all steps passed" } else { "SOME STEPS FAILED" });
     all
+}
+
+/// `RUSTFLAGS="--cfg loom" cargo test -p agent --test loom --release`, in a target directory
+/// of its own so that the changed RUSTFLAGS do not invalidate the normal build.
+fn loom() -> bool {
+    let mut cmd = cargo();
+    cmd.args(["test", "-p", "agent", "--test", "loom", "--release", "--target-dir"])
+        .arg(target_dir().join("loom"))
+        .env("RUSTFLAGS", "--cfg loom");
+    run(cmd)
 }
