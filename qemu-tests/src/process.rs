@@ -1,5 +1,6 @@
 //! Child processes that are killed when dropped, and waits with a deadline.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -8,7 +9,8 @@ use wait_timeout::ChildExt;
 
 use crate::{bail, Result};
 
-/// A running child process; killed (SIGKILL) and reaped on drop.
+/// A running child process; killed (SIGKILL) and reaped on drop, and killed by the kernel
+/// if the thread that spawned it dies first (`PR_SET_PDEATHSIG`).
 #[derive(Debug)]
 pub struct ChildGuard {
     name: String,
@@ -27,6 +29,18 @@ impl ChildGuard {
         cmd.stdin(Stdio::null())
             .stdout(std::fs::File::create(&stdout)?)
             .stderr(std::fs::File::create(&stderr)?);
+        // SAFETY: the closure runs in the child between fork and exec and only makes
+        // prctl(2), an async-signal-safe system call; it touches no memory of the parent.
+        // PR_SET_PDEATHSIG makes the kernel SIGKILL the child when the spawning thread
+        // dies, so no QEMU outlives a test process that is killed before Drop runs.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => bail!("cannot start {name} ({:?}): {e}", cmd.get_program()),
