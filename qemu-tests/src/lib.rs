@@ -6,8 +6,10 @@
 //! and every child process is killed when its handle is dropped.
 
 pub mod baseline;
+pub mod bench;
 pub mod capture;
 pub mod dest;
+pub mod discard_study;
 pub mod guest;
 pub mod hosted;
 pub mod install;

@@ -17,7 +17,7 @@
 pub mod madvise;
 pub mod qemu_load;
 pub mod stats;
-mod sys;
+pub mod sys;
 pub mod uffd;
 
 /// The page size the measurements use.

@@ -257,6 +257,11 @@ impl Mapping {
         self.len
     }
 
+    /// Never true: [`Mapping::anon`] refuses an empty mapping.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// The contents. On a userfaultfd-registered mapping, call this only once every page
     /// is populated (a missing page would block until someone resolves it).
     pub fn bytes(&self) -> &[u8] {

@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::sync::{Condvar, Mutex, OnceLock, RwLock};
 
+use crate::baseline::sys::Mapping;
 use agent::ports::{DeviceStateSink, GuestMemory, PageWaiters, Refused, ReturnPath, SendFailed, Stage2};
 use hal::stage2::{Flush, Format, FramePool, Gpa, Hpa, Invalidate, Perms, Scope, TablePage, Translation};
 
@@ -18,14 +19,14 @@ const TWO_MIB: u64 = 2 << 20;
 #[derive(Debug)]
 pub struct SharedTable<F: Format> {
     table: OnceLock<RwLock<hal::stage2::Stage2<'static, F>>>,
-    /// Host-physical base of each block's frames.
-    bases: RwLock<Vec<u64>>,
+    /// Bytes of guest frames declared so far (sizes the table pool).
+    frames: std::sync::atomic::AtomicU64,
     invalidations: Mutex<u64>,
 }
 
 impl<F: Format> Default for SharedTable<F> {
     fn default() -> Self {
-        Self { table: OnceLock::new(), bases: RwLock::default(), invalidations: Mutex::new(0) }
+        Self { table: OnceLock::new(), frames: Default::default(), invalidations: Mutex::new(0) }
     }
 }
 
@@ -44,8 +45,7 @@ impl<F: Format> SharedTable<F> {
     /// for all of guest RAM mapped with 4 KiB pages.
     fn table(&self) -> &RwLock<hal::stage2::Stage2<'static, F>> {
         self.table.get_or_init(|| {
-            let bases = self.bases.read().expect("bases");
-            let ram: u64 = bases.last().copied().unwrap_or(FRAMES_BASE) - FRAMES_BASE;
+            let ram = self.frames.load(std::sync::atomic::Ordering::Acquire);
             // One page table per 2 MiB, plus the upper levels of up to 8 regions.
             let tables = (ram / TWO_MIB) as usize + 64;
             // One process, one table: the slab lives as long as the process.
@@ -69,56 +69,104 @@ impl<F: Format> Invalidate<F> for CountInvalidations<'_> {
 /// One wake-up token per vCPU (the agent may release a vCPU before it sleeps).
 #[derive(Debug)]
 pub struct Wakeups {
-    tokens: Mutex<Vec<bool>>,
+    /// (token, sleeping) per vCPU.
+    state: Mutex<Vec<(bool, bool)>>,
     woken: Condvar,
 }
 
 impl Wakeups {
     /// Tokens for `vcpus` vCPUs.
     pub fn new(vcpus: usize) -> Self {
-        Self { tokens: Mutex::new(vec![false; vcpus]), woken: Condvar::new() }
+        Self { state: Mutex::new(vec![(false, false); vcpus]), woken: Condvar::new() }
     }
 
     /// Parks vCPU `v` until its token is set (consuming it), or `give_up()`.
     pub fn park(&self, v: usize, give_up: impl Fn() -> bool) -> bool {
-        let mut tokens = self.tokens.lock().expect("wake tokens");
+        let mut state = self.state.lock().expect("wake tokens");
         loop {
-            if std::mem::take(&mut tokens[v]) {
+            if std::mem::take(&mut state[v].0) {
+                state[v].1 = false;
                 return true;
             }
             if give_up() {
+                state[v].1 = false;
                 return false;
             }
+            state[v].1 = true;
             let timeout = std::time::Duration::from_millis(50);
-            tokens = self.woken.wait_timeout(tokens, timeout).expect("wake tokens").0;
+            state = self.woken.wait_timeout(state, timeout).expect("wake tokens").0;
         }
     }
 
     fn release(&self, v: usize) {
-        if let Some(t) = self.tokens.lock().expect("wake tokens").get_mut(v) {
-            *t = true;
+        let mut state = self.state.lock().expect("wake tokens");
+        let Some(slot) = state.get_mut(v) else { return };
+        slot.0 = true;
+        // Wake sleepers only: a vCPU that has not gone to sleep finds its token.
+        if slot.1 {
+            drop(state);
+            self.woken.notify_all();
         }
-        self.woken.notify_all();
+    }
+}
+
+/// A RAMBlock's frames: anonymous memory with transparent huge pages allowed, as a VMM
+/// backs guest RAM (QEMU does the same), so the first touch of each 2 MiB faults once.
+#[derive(Debug)]
+pub struct GuestRam {
+    /// The block's idstr.
+    pub name: Vec<u8>,
+    ram: Mapping,
+    len: usize,
+}
+
+impl GuestRam {
+    /// The block's contents.
+    pub fn bytes(&self) -> &[u8] {
+        &self.ram.bytes()[..self.len]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.ram.bytes_mut()[..self.len]
     }
 }
 
 /// The stream context's ports.
 #[derive(Debug)]
 pub struct HostPorts<'s, F: Format> {
-    /// (name, contents) per RAMBlock: the guest frames.
-    pub blocks: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The guest frames, per RAMBlock.
+    pub blocks: Vec<GuestRam>,
     /// Device state, kept for `--dump-dir`.
     pub device_state: Vec<u8>,
     table: &'s SharedTable<F>,
     wakeups: &'s Wakeups,
     /// Unmaps of the current discard command, flushed together.
     pending: Option<Flush<F>>,
+    /// Host-physical base of each block's frames.
+    bases: Vec<u64>,
 }
 
 impl<'s, F: Format> HostPorts<'s, F> {
     /// Ports over `table` and `wakeups`.
     pub fn new(table: &'s SharedTable<F>, wakeups: &'s Wakeups) -> Self {
-        Self { blocks: Vec::new(), device_state: Vec::new(), table, wakeups, pending: None }
+        Self {
+            blocks: Vec::new(),
+            device_state: Vec::new(),
+            table,
+            wakeups,
+            pending: None,
+            bases: Vec::new(),
+        }
+    }
+
+    /// Touches every frame, so later copies into them take no page fault (the hypervisor's
+    /// guest RAM is physical memory: it never faults).
+    pub fn prefault(&mut self) {
+        for block in &mut self.blocks {
+            for page in block.bytes_mut().chunks_mut(4096) {
+                page[0] = 0;
+            }
+        }
     }
 }
 
@@ -126,28 +174,32 @@ impl<F: Format> GuestMemory for HostPorts<'_, F> {
     fn declare_block(&mut self, _index: usize, name: &[u8], len: u64) -> Result<(), Refused> {
         // Host RAM bounds what we accept: refuse blocks over 64 GiB rather than abort.
         let bytes = usize::try_from(len).ok().filter(|&l| l <= 64 << 30).ok_or(Refused)?;
-        self.blocks.push((name.to_vec(), vec![0; bytes]));
-        let mut bases = self.table.bases.write().expect("bases");
-        let base = bases.last().copied().unwrap_or(FRAMES_BASE);
-        bases.push(base + len.next_multiple_of(TWO_MIB));
+        let mut ram =
+            if bytes == 0 { Mapping::anon(4096) } else { Mapping::anon(bytes) }.map_err(|_| Refused)?;
+        // Best effort: without THP the frames are still correct, only slower to fault in.
+        let _ = ram.madvise(0, ram.len(), libc::MADV_HUGEPAGE);
+        self.blocks.push(GuestRam { name: name.to_vec(), ram, len: bytes });
+        let base = FRAMES_BASE + self.table.frames.load(std::sync::atomic::Ordering::Acquire);
+        self.bases.push(base);
+        self.table.frames.fetch_add(len.next_multiple_of(TWO_MIB), std::sync::atomic::Ordering::AcqRel);
         Ok(())
     }
 
     fn write(&mut self, block: usize, offset: u64, data: &[u8]) {
         let at = offset as usize;
-        self.blocks[block].1[at..at + data.len()].copy_from_slice(data);
+        self.blocks[block].bytes_mut()[at..at + data.len()].copy_from_slice(data);
     }
 
     fn fill(&mut self, block: usize, offset: u64, len: u64, byte: u8) {
         let (at, len) = (offset as usize, len as usize);
-        self.blocks[block].1[at..at + len].fill(byte);
+        self.blocks[block].bytes_mut()[at..at + len].fill(byte);
     }
 }
 
 impl<F: Format> Stage2 for HostPorts<'_, F> {
     fn map(&mut self, gpa: u64, block: usize, offset: u64) {
         let table = self.table.table();
-        let base = if block == 0 { FRAMES_BASE } else { self.table.bases.read().expect("bases")[block - 1] };
+        let base = self.bases[block];
         let flush = table.write().expect("stage-2 lock").map_4k(Gpa(gpa), Hpa(base + offset), Perms::RWX);
         // Mapping a not-present entry needs no invalidation; the token says so.
         flush.expect("map a received page").flush(&mut CountInvalidations(&self.table.invalidations));

@@ -25,7 +25,7 @@ use agent::postcopy::{Engine, EngineConfig, Shared, Stats};
 use agent::wire::command::Dialect;
 
 use hal::stage2::{Ept, Format, Npt};
-use qemu_tests::hosted::ports::{HostPorts, SharedTable, SocketReturnPath, Wakeups};
+use qemu_tests::hosted::ports::{GuestRam, HostPorts, SharedTable, SocketReturnPath, Wakeups};
 use qemu_tests::hosted::vcpu::{self, Touch, VcpuReport};
 
 /// Bytes of the receive ring (the hypervisor's vsock RX buffers play this role).
@@ -261,12 +261,12 @@ fn receive<R: agent::ports::ReturnPath, F: Format>(
     }
 }
 
-fn dump(dir: &PathBuf, blocks: &[(Vec<u8>, Vec<u8>)], device_state: &[u8]) -> Result<(), String> {
+fn dump(dir: &PathBuf, blocks: &[GuestRam], device_state: &[u8]) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    for (name, data) in blocks {
-        let file = String::from_utf8_lossy(name).replace('/', "_") + ".bin";
+    for block in blocks {
+        let file = String::from_utf8_lossy(&block.name).replace('/', "_") + ".bin";
         let path = dir.join(file);
-        std::fs::write(&path, data).map_err(|e| format!("write {}: {e}", path.display()))?;
+        std::fs::write(&path, block.bytes()).map_err(|e| format!("write {}: {e}", path.display()))?;
     }
     let path = dir.join("device-state.bin");
     std::fs::write(&path, device_state).map_err(|e| format!("write {}: {e}", path.display()))

@@ -1,0 +1,261 @@
+//! `postcopy-bench`: our postcopy mechanisms next to QEMU's, measured in one run on this
+//! machine, printed as markdown tables (`cargo xtask bench` runs it; docs/perf.md holds a
+//! copy of the output).
+//!
+//! ```text
+//! postcopy-bench [--capture FILE] [--machine-args "ARGS"] [--skip-qemu]
+//! postcopy-bench fault-loops     # the fault paths alone, for callgrind's instruction count
+//! ```
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use hal::stage2::{Ept, Npt};
+use qemu_tests::baseline::{madvise, qemu_load, stats::Summary, uffd};
+use qemu_tests::bench::discard::{self, Mapping};
+use qemu_tests::bench::{fault, ingest, ns, us};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("fault-loops") {
+        let (waits, pages) = fault::run_loops();
+        println!("waits {waits} pages {pages}");
+        return;
+    }
+    let mut capture = None;
+    let mut machine_args: Option<Vec<String>> = None;
+    let mut skip_qemu = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--capture" => capture = it.next().map(PathBuf::from),
+            "--machine-args" => {
+                machine_args = it.next().map(|s| s.split_whitespace().map(String::from).collect())
+            }
+            "--skip-qemu" => skip_qemu = true,
+            other => {
+                eprintln!("postcopy-bench: unknown argument {other}");
+                std::process::exit(2);
+            }
+        }
+    }
+    println!("# postcopy-bench ({} cores)\n", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    fault_table();
+    discard_table();
+    if let Some(capture) = capture {
+        ingest_table(&capture, machine_args.as_deref(), skip_qemu);
+    } else {
+        println!("(ingest skipped: no --capture)");
+    }
+}
+
+fn fault_table() {
+    let samples = fault::measure();
+    assert_eq!(samples.requests, fault::PAGES, "one request per first touch");
+    assert_eq!(samples.releases, fault::PAGES, "one release per parked vCPU");
+    let report = Summary::of(&samples.report_to_request);
+    let arrival = Summary::of(&samples.arrival_to_release);
+    let (report_ir, arrival_ir) = instructions_per_fault();
+    let uffd = uffd::measure(4000, 64).expect("userfaultfd round trips");
+    let round = Summary::of(&uffd.samples);
+    let same_cpu = uffd::measure_with(&uffd::Config {
+        placement: uffd::Placement::SameCpu(0),
+        ..uffd::Config::new(4000)
+    })
+    .ok()
+    .map(|r| Summary::of(&r.samples));
+    println!("## Fault service ({} faults on distinct pages)\n", fault::PAGES);
+    println!("| path | p50 | p99 | mean | instructions |");
+    println!("|---|---|---|---|---|");
+    let ir = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.0}"));
+    println!(
+        "| ours: fault report → request bytes emitted | {} | {} | {} | {} |",
+        ns(report.p50),
+        ns(report.p99),
+        ns(report.mean),
+        ir(report_ir)
+    );
+    println!(
+        "| ours: page record in → copied, mapped (EPT), vCPU released | {} | {} | {} | {} |",
+        ns(arrival.p50),
+        ns(arrival.p99),
+        ns(arrival.mean),
+        ir(arrival_ir)
+    );
+    let total_p50 = report.p50 + arrival.p50;
+    println!("| **ours: both halves** | **{}** | {} | | |", ns(total_p50), ns(report.p99 + arrival.p99));
+    println!("| userfaultfd round trip (fault → handler → UFFDIO_COPY → wake), unpinned | {} | {} | {} | n/a (no PMU here) |", us(round.p50), us(round.p99), us(round.mean));
+    if let Some(s) = same_cpu {
+        println!(
+            "| userfaultfd round trip, both threads on one CPU | {} | {} | {} | |",
+            us(s.p50),
+            us(s.p99),
+            us(s.mean)
+        );
+    }
+    let ratio = round.p50.as_secs_f64() / total_p50.as_secs_f64();
+    println!("\nuserfaultfd p50 / ours p50 = **{ratio:.1}×** (target ≥ 20×; ours target ≤ 1 µs)\n");
+}
+
+/// Instructions per fault of each half, counted by callgrind over the `fault-loops` run.
+fn instructions_per_fault() -> (Option<f64>, Option<f64>) {
+    let Ok(exe) = std::env::current_exe() else { return (None, None) };
+    let count = |func: &str| -> Option<f64> {
+        let out = std::env::temp_dir().join(format!("callgrind.{}.{func}", std::process::id()));
+        let status = Command::new("valgrind")
+            .args(["--tool=callgrind", "--collect-atstart=no"])
+            .arg(format!("--toggle-collect=*{func}*"))
+            .arg(format!("--callgrind-out-file={}", out.display()))
+            .arg(&exe)
+            .arg("fault-loops")
+            .output()
+            .ok()?;
+        if !status.status.success() {
+            return None;
+        }
+        let text = std::fs::read_to_string(&out).ok()?;
+        let _ = std::fs::remove_file(&out);
+        let total: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("totals:").or(l.strip_prefix("summary:")))?
+            .trim()
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        Some(total / fault::PAGES as f64)
+    };
+    (count("report_loop"), count("arrival_loop"))
+}
+
+fn discard_table() {
+    println!("## Discard: unmap vs madvise(MADV_DONTNEED)\n");
+    println!("| page set | pages | ours EPT 4K | ours NPT 4K | ours EPT 2M (splits) | madvise 4K | madvise THP (QEMU-like) | madvise 4K / ours EPT 4K |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let (ranges, region) = madvise::gib_in_64k_runs();
+    row("1 GiB in scattered 64 KiB runs (2 GiB region)", &ranges, region);
+    for name in ["pc-postcopy", "q35-postcopy"] {
+        let path = qemu_tests::workspace_root().join(format!("agent/tests/captures/{name}.bin"));
+        let Ok(stream) = std::fs::read(&path) else { continue };
+        for (block, ranges) in discard::discard_sets(&stream) {
+            let region = ranges.iter().map(|&(s, l)| s + l).max().unwrap_or(0).next_multiple_of(2 << 20);
+            row(&format!("{name} `{block}`: {} ranges", ranges.len()), &ranges, region);
+        }
+    }
+    println!();
+}
+
+fn row(label: &str, ranges: &[(u64, u64)], region: u64) {
+    let pages = madvise::total_len(ranges) / 4096;
+    let per_page = |d: Duration| d.as_secs_f64() * 1e9 / pages as f64;
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let ept = median(
+        discard::unmap_costs::<Ept>(ranges, region, Mapping::Small, 5).iter().map(|c| c.time).collect(),
+    );
+    let npt = median(
+        discard::unmap_costs::<Npt>(ranges, region, Mapping::Small, 5).iter().map(|c| c.time).collect(),
+    );
+    let ept2m = median(
+        discard::unmap_costs::<Ept>(ranges, region, Mapping::Large, 5).iter().map(|c| c.time).collect(),
+    );
+    let small = madvise::dontneed_costs_with(ranges, region, 5, madvise::Backing::SmallPages)
+        .map(|c| median(c.costs));
+    let thp =
+        madvise::dontneed_costs_with(ranges, region, 5, madvise::Backing::QemuThp).map(|c| median(c.costs));
+    let fmt = |d: Duration| format!("{:.1} ns/page", per_page(d));
+    let (small_s, ratio) = match &small {
+        Ok(d) => (fmt(*d), format!("**{:.0}×**", d.as_secs_f64() / ept.as_secs_f64())),
+        Err(e) => (format!("error: {e}"), "-".into()),
+    };
+    let thp_s = thp.map_or_else(|e| format!("error: {e}"), fmt);
+    println!(
+        "| {label} | {pages} | {} | {} | {} | {small_s} | {thp_s} | {ratio} |",
+        fmt(ept),
+        fmt(npt),
+        fmt(ept2m)
+    );
+}
+
+fn ingest_table(capture: &PathBuf, machine_args: Option<&[String]>, skip_qemu: bool) {
+    let stream = std::fs::read(capture).unwrap_or_else(|e| panic!("read {}: {e}", capture.display()));
+    let bytes = stream.len();
+    println!("## Ingest: {} ({:.0} MB)\n", capture.display(), bytes as f64 / 1e6);
+    let median = |touched| {
+        let mut runs: Vec<(Duration, u64)> =
+            (0..3).map(|_| ingest::decode_and_place(&stream, touched)).collect();
+        runs.sort();
+        runs[1]
+    };
+    let (ours_fresh, _) = median(false);
+    let (ours, pages) = median(true);
+    let (cold, warm) = {
+        let mut v: Vec<_> = (0..3).map(|_| ingest::memcpy(&stream)).collect();
+        v.sort();
+        v[1]
+    };
+    let dest = postcopy_dest_input(capture);
+    println!("| path | time | MB/s |");
+    println!("|---|---|---|");
+    println!("| ours: decode + place in-process into touched frames, EPT (median of 3; {pages} pages) | {:.0} ms | {:.0} |", ours.as_secs_f64() * 1e3, ingest::mb_per_s(bytes, ours));
+    println!(
+        "| ours: the same into fresh frames (THP faults inside) | {:.0} ms | {:.0} |",
+        ours_fresh.as_secs_f64() * 1e3,
+        ingest::mb_per_s(bytes, ours_fresh)
+    );
+    if let Some(d) = dest {
+        println!("| ours: `postcopy-dest --input` (whole process: file read, allocation, dump-less) | {:.0} ms | {:.0} |", d.as_secs_f64() * 1e3, ingest::mb_per_s(bytes, d));
+    }
+    println!("| memcpy of the same bytes into fresh memory (allocated like the guest frames: THP) | {:.0} ms | {:.0} |", cold.as_secs_f64() * 1e3, ingest::mb_per_s(bytes, cold));
+    println!(
+        "| memcpy into the same memory, already touched | {:.0} ms | {:.0} |",
+        warm.as_secs_f64() * 1e3,
+        ingest::mb_per_s(bytes, warm)
+    );
+    let mut qemu_rate = None;
+    if !skip_qemu {
+        let default_args: Vec<String> = ["-machine", "pc", "-m", "320M"].map(String::from).to_vec();
+        let args = machine_args.map(<[String]>::to_vec).unwrap_or(default_args);
+        match qemu_load::incoming_load(capture, &args) {
+            Ok(t) => {
+                println!(
+                    "| QEMU 7.2 `-incoming` load (exec:cat) | {:.0} ms | {:.0} |",
+                    t.wall.as_secs_f64() * 1e3,
+                    t.mb_per_s
+                );
+                qemu_rate = Some(t.mb_per_s);
+            }
+            Err(e) => println!("| QEMU 7.2 `-incoming` load | error: {e} | |"),
+        }
+    }
+    let ours_rate = ingest::mb_per_s(bytes, ours);
+    println!(
+        "\nours / memcpy = **{:.0}%** (touched frames vs touched memory), **{:.0}%** (fresh vs fresh) (target ≥ 50%)",
+        100.0 * ours_rate / ingest::mb_per_s(bytes, warm),
+        100.0 * ingest::mb_per_s(bytes, ours_fresh) / ingest::mb_per_s(bytes, cold)
+    );
+    if let Some(q) = qemu_rate {
+        println!(
+            "ours / QEMU load = **{:.1}×** (fresh frames, like QEMU's), **{:.1}×** (touched) (target ≥ 2×)",
+            ingest::mb_per_s(bytes, ours_fresh) / q,
+            ours_rate / q
+        );
+    }
+    println!();
+}
+
+fn postcopy_dest_input(capture: &PathBuf) -> Option<Duration> {
+    let exe = std::env::current_exe().ok()?.with_file_name("postcopy-dest");
+    let mut times: Vec<Duration> = (0..3)
+        .filter_map(|_| {
+            let t = std::time::Instant::now();
+            let out = Command::new(&exe).arg("--input").arg(capture).output().ok()?;
+            out.status.success().then(|| t.elapsed())
+        })
+        .collect();
+    times.sort();
+    times.get(times.len() / 2).copied()
+}
