@@ -119,7 +119,6 @@ fn instructions_per_fault() -> (Option<f64>, Option<f64>) {
         let total: f64 = text
             .lines()
             .find_map(|l| l.strip_prefix("totals:").or(l.strip_prefix("summary:")))?
-            .trim()
             .split_whitespace()
             .next()?
             .parse()
