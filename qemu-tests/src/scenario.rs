@@ -63,6 +63,19 @@ impl Scenario {
         }
     }
 
+    /// A postcopy migration of `mem_mib` MiB whose guest first fills all RAM with non-zero
+    /// data (`fill`), then dirties 4 MiB/s; precopy at 32 MiB/s for 1 s, then postcopy at
+    /// full speed.
+    pub fn postcopy_filled(machine: Machine, mem_mib: u64) -> Self {
+        Scenario {
+            mem_mib,
+            guest_append: "rate=4096 fill".into(),
+            max_bandwidth: Some(32 << 20),
+            max_postcopy_bandwidth: Some(0),
+            ..Scenario::postcopy(machine)
+        }
+    }
+
     /// A pure precopy migration (no `postcopy-ram`) at QEMU's default bandwidth.
     pub fn precopy(machine: Machine) -> Self {
         Scenario {

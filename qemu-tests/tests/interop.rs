@@ -84,6 +84,15 @@ fn postcopy_q35_touch_seq_ram_matches_source() {
     assert_postcopy(&out, Machine::Q35);
 }
 
+/// 256 MiB of non-zero RAM: most of it arrives in postcopy.
+#[test]
+fn postcopy_pc_256m_filled_ram_matches_source() {
+    let _g = serial();
+    let out = run_ok(&Scenario::postcopy_filled(Machine::Pc, 256));
+    assert_postcopy(&out, Machine::Pc);
+    assert!(out.source.normal_pages > 60_000, "{:?}", out.source);
+}
+
 #[test]
 fn postcopy_pc_over_tcp_ram_matches_source() {
     let _g = serial();

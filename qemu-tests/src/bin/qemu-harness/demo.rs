@@ -1,5 +1,9 @@
 //! `demo`: a postcopy migration of a pc source running the dirty guest into
 //! `postcopy-dest`, with progress once per second and a RAM check at the end.
+//!
+//! Flags: `--machine pc|q35`, `--mem 64M`, `--guest "rate=2048 fill"`, `--precopy`,
+//! `--tcp`, `--touch random|seq`, `--record FILE`, `--max-bandwidth B/s`,
+//! `--max-postcopy-bandwidth B/s` (0 = unlimited), `--precopy-for MS`, `--dest PATH`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,8 +17,18 @@ use crate::{parse_mib, Flags};
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let flags = Flags::new(
         args,
-        &["--machine", "--mem", "--dest", "--guest", "--record", "--touch"],
-        &["--precopy"],
+        &[
+            "--machine",
+            "--mem",
+            "--dest",
+            "--guest",
+            "--record",
+            "--touch",
+            "--max-bandwidth",
+            "--max-postcopy-bandwidth",
+            "--precopy-for",
+        ],
+        &["--precopy", "--tcp"],
     )?;
     let machine = Machine::parse(flags.get("--machine").unwrap_or("pc"))?;
     let dest = match flags.get("--dest") {
@@ -34,6 +48,25 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         sc.touch = Some(t.to_string());
     }
     sc.record = flags.get("--record").map(PathBuf::from);
+    sc.tcp = flags.has("--tcp");
+    let num = |flag: &str| -> Result<Option<u64>> {
+        match flags.get(flag) {
+            None => Ok(None),
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) => Ok(Some(n)),
+                Err(_) => bail!("bad {flag} {v:?}"),
+            },
+        }
+    };
+    if let Some(bw) = num("--max-bandwidth")? {
+        sc.max_bandwidth = Some(bw);
+    }
+    if let Some(bw) = num("--max-postcopy-bandwidth")? {
+        sc.max_postcopy_bandwidth = Some(bw);
+    }
+    if let Some(ms) = num("--precopy-for")? {
+        sc.precopy_for = Duration::from_millis(ms);
+    }
     sc.progress = true;
     sc.timeout = Duration::from_secs(120);
     println!(
