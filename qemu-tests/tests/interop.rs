@@ -174,6 +174,45 @@ fn replay_q35_postcopy_capture() {
     replay_capture("q35-postcopy", Machine::Q35);
 }
 
+/// A stream cut in the middle is an error: non-zero exit, a one-line message on stderr.
+#[test]
+fn replay_of_truncated_capture_fails() {
+    let full = std::fs::read(captures().join("pc-precopy-dirty.bin")).expect("capture");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for cut in [5, 400_000, full.len() - 1] {
+        let file = dir.path().join(format!("cut-{cut}.bin"));
+        std::fs::write(&file, &full[..cut]).expect("write");
+        let opts = DestOptions { input: Some(file), ..DestOptions::default() };
+        let dest = Dest::spawn(Path::new(DEST), &opts).expect("start postcopy-dest");
+        let out = dest.wait(Duration::from_secs(30)).expect("wait");
+        assert!(!out.status.success(), "cut at {cut}: exit 0 on a truncated stream");
+        let err = out.stderr.trim();
+        assert!(!err.is_empty() && err.lines().count() == 1, "cut at {cut}: stderr {err:?}");
+    }
+}
+
+/// A migration the source cancels is not a success for the destination.
+#[test]
+fn cancelled_precopy_fails() {
+    let _g = serial();
+    let guest = build_dirty_guest().expect("build dirty guest");
+    let mut vm =
+        SourceVm::builder(Machine::Pc).mem_mib(32).kernel(&guest, "rate=2048").spawn().expect("source");
+    vm.wait_guest_dirtying(Duration::from_secs(30)).expect("guest runs");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("dest.sock");
+    let opts = DestOptions { listen: Some(format!("unix:{}", sock.display())), ..DestOptions::default() };
+    let dest = Dest::spawn(Path::new(DEST), &opts).expect("start postcopy-dest");
+    vm.set_max_bandwidth(128 << 10).expect("bw");
+    vm.migrate(&format!("unix:{}", sock.display())).expect("migrate");
+    std::thread::sleep(Duration::from_millis(1000));
+    vm.cancel_migration().expect("migrate_cancel");
+    vm.wait_status(&["cancelled"], Duration::from_secs(10)).expect("source cancels");
+    let out = dest.wait(Duration::from_secs(20)).expect("postcopy-dest exits after the cancel");
+    assert!(!out.status.success(), "exit 0 after a cancelled migration; stdout {}", out.stdout);
+    assert!(!out.stderr.trim().is_empty(), "no error message");
+}
+
 /// `--record` during a real postcopy migration, then `--input` of the recording gives the
 /// same RAM.
 #[test]
