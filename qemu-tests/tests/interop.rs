@@ -311,11 +311,12 @@ fn dirty_guest_runs_and_dirties() {
     assert_eq!(a.region_end, 0x20_0000 + (8192 << 10));
     assert_eq!(a.rate_kib, 4096);
     assert!(b.heartbeat > a.heartbeat, "{a:?} {b:?}");
-    // 4 MiB/s is 1024 pages per second (generous bounds for TCG and a busy host).
+    // 4 MiB/s is 1024 pages per second; the lower bound leaves room for a vCPU thread that
+    // gets only part of a core on a busy 2-core host (the rate follows the virtual clock).
     let pages = b.pages_dirtied - a.pages_dirtied;
-    assert!((300..=2000).contains(&pages), "{pages} pages in ~1 s");
+    assert!((100..=2000).contains(&pages), "{pages} pages in ~1 s");
     let ram = vm.read_ram().expect("RAM");
     let region = &ram[0x20_0000..0x20_0000 + (8192 << 10)];
     let touched = region.chunks(4096).filter(|p| p.iter().any(|&b| b != 0)).count();
-    assert!(touched >= 300, "{touched} non-zero pages in the region");
+    assert!(touched >= 100, "{touched} non-zero pages in the region");
 }
