@@ -69,6 +69,10 @@ pub struct DestOptions {
     pub touch: Option<String>,
     /// `--record FILE`: save every stream byte received.
     pub record: Option<PathBuf>,
+    /// `--vcpus N`: simulated vCPUs faulting concurrently after RUN.
+    pub vcpus: Option<usize>,
+    /// `--stage2 ept|npt`: the table format the vCPUs walk.
+    pub stage2: Option<String>,
 }
 
 impl DestOptions {
@@ -93,6 +97,12 @@ impl DestOptions {
         }
         if let Some(r) = &self.record {
             push("--record", r.display().to_string());
+        }
+        if let Some(n) = self.vcpus {
+            push("--vcpus", n.to_string());
+        }
+        if let Some(s) = &self.stage2 {
+            push("--stage2", s.clone());
         }
         args
     }

@@ -35,6 +35,10 @@ pub struct Scenario {
     pub touch: Option<String>,
     /// `--record FILE` for the destination.
     pub record: Option<PathBuf>,
+    /// `--vcpus N` for the destination.
+    pub vcpus: Option<usize>,
+    /// `--stage2 ept|npt` for the destination.
+    pub stage2: Option<String>,
     /// Overall limit for the migration.
     pub timeout: Duration,
     /// Print the source's progress once per second.
@@ -57,6 +61,8 @@ impl Scenario {
             precopy_for: Duration::from_millis(1000),
             touch: Some("random".into()),
             record: None,
+            vcpus: Some(4),
+            stage2: Some("ept".into()),
             timeout: Duration::from_secs(60),
             progress: false,
             tcp: false,
@@ -149,6 +155,8 @@ pub fn run(dest_bin: &Path, sc: &Scenario) -> Result<Outcome> {
         dump_dir: Some(dump_dir.clone()),
         touch: sc.touch.clone(),
         record: sc.record.clone(),
+        vcpus: sc.vcpus,
+        stage2: sc.stage2.clone(),
         ..DestOptions::default()
     };
     let mut dest = Dest::spawn(dest_bin, &opts)?;

@@ -68,10 +68,23 @@ fn assert_postcopy(out: &Outcome, machine: Machine) {
     assert!(out.guest.pages_dirtied > 0, "the guest dirtied nothing: {:?}", out.guest);
 }
 
+/// 4 simulated vCPUs walking an EPT table (the scenario's default).
 #[test]
 fn postcopy_pc_ram_matches_source() {
     let _g = serial();
-    let out = run_ok(&Scenario::postcopy(Machine::Pc));
+    let sc = Scenario::postcopy(Machine::Pc);
+    assert_eq!((sc.vcpus, sc.stage2.as_deref()), (Some(4), Some("ept")));
+    let out = run_ok(&sc);
+    assert_postcopy(&out, Machine::Pc);
+}
+
+/// 4 simulated vCPUs walking an NPT table.
+#[test]
+fn postcopy_pc_npt_ram_matches_source() {
+    let _g = serial();
+    let mut sc = Scenario::postcopy(Machine::Pc);
+    sc.stage2 = Some("npt".into());
+    let out = run_ok(&sc);
     assert_postcopy(&out, Machine::Pc);
 }
 
@@ -79,6 +92,7 @@ fn postcopy_pc_ram_matches_source() {
 fn postcopy_q35_touch_seq_ram_matches_source() {
     let _g = serial();
     let mut sc = Scenario::postcopy(Machine::Q35);
+    sc.stage2 = Some("npt".into());
     sc.touch = Some("seq".into());
     let out = run_ok(&sc);
     assert_postcopy(&out, Machine::Q35);
