@@ -60,6 +60,15 @@ proptest! {
     }
 
     #[test]
+    fn arbitrary_v5_streams_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..1024), masks in prop::collection::vec((any::<u64>(), any::<u32>()), 1..4), fbo in any::<u8>()) {
+        let mut s = StreamBuilder { dialect: Dialect::SeedV5, ..Default::default() };
+        s.header().command(Command::OpenReturnPath).advise(4096, 4096).ram_start(2, &[(b"ram", 1 << 20)]);
+        s.discard_v5(b"ram", fbo, &masks).raw(&bytes);
+        let v5 = agent::postcopy::EngineConfig { dialect: Dialect::SeedV5, machine: None };
+        let _ = agent::testing::run_stream_with(&s.bytes, 4096, 777, v5);
+    }
+
+    #[test]
     fn mutated_valid_streams_fail_typed_or_complete(flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
         let mut stream = postcopy_stream(6, 1..4);
         for (at, byte) in flips {

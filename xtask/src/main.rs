@@ -6,6 +6,8 @@
 //!   progress and a RAM check (`qemu-harness demo --help` style arguments).
 //! * `capture [--machine pc] [--mem 320M] [--out FILE] [ARGS]`: record a large precopy
 //!   stream of a guest whose RAM is filled with non-zero data (for benchmarks).
+//! * `bench [--mem 1100M]`: record a large capture if there is none, then run
+//!   `postcopy-bench` (release build): fault service, discard, ingest, discard encoding.
 //!
 //! Std only. Every child inherits `CARGO_TARGET_DIR`.
 
@@ -22,10 +24,12 @@ fn main() -> ExitCode {
         Some("test") => steps::test(),
         Some("demo") => harness("demo", rest.to_vec()),
         Some("capture") => harness("capture", capture_args(rest)),
+        Some("bench") => bench(rest),
         _ => {
             eprintln!(
                 "usage: cargo xtask test | demo [--machine pc|q35] [--mem 64M] [--precopy] \
-                 [--touch random|seq] [--record FILE] | capture [--machine pc] [--mem 320M] [--out FILE]"
+                 [--touch random|seq] [--record FILE] | capture [--machine pc] [--mem 320M] [--out FILE] \
+                 | bench [--mem 1100M]"
             );
             false
         }
@@ -130,4 +134,33 @@ fn capture_args(user: &[String]) -> Vec<String> {
         args.extend(["--timeout".into(), "600".into()]);
     }
     args
+}
+
+/// `cargo xtask bench`: a capture of `--mem` (default 1100M: a stream over 1 GiB) of a pc
+/// guest with filled RAM, recorded once into `<target>/captures/`, then `postcopy-bench`.
+fn bench(user: &[String]) -> bool {
+    let mem = user.iter().position(|a| a == "--mem").and_then(|i| user.get(i + 1)).cloned();
+    let mem = mem.unwrap_or_else(|| "1100M".into());
+    let capture = target_dir().join("captures").join(format!("pc-{mem}-precopy.bin"));
+    if !capture.exists() && !harness("capture", capture_args(&["--mem".into(), mem.clone()])) {
+        return false;
+    }
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "qemu-tests",
+        "--bin",
+        "postcopy-bench",
+        "--bin",
+        "postcopy-dest",
+    ]);
+    if !run(build) {
+        return false;
+    }
+    let mut cmd = Command::new(target_dir().join("release/postcopy-bench"));
+    cmd.current_dir(root()).arg("--capture").arg(&capture);
+    cmd.arg("--machine-args").arg(format!("-machine pc -m {mem}"));
+    run(cmd)
 }

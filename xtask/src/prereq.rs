@@ -80,3 +80,21 @@ pub fn bare_metal_target() -> bool {
     add.current_dir(crate::root()).args(["target", "add", "x86_64-unknown-none"]);
     crate::run(add)
 }
+
+/// `cargo-fuzz`, installed into `<target>/tools` when missing (a registry crate, built
+/// here); returns the directory holding the binary.
+pub fn cargo_fuzz() -> Option<std::path::PathBuf> {
+    let root = crate::target_dir().join("tools");
+    let bin = root.join("bin");
+    if bin.join("cargo-fuzz").exists() {
+        return Some(bin);
+    }
+    let mut install = crate::cargo();
+    install.args(["install", "cargo-fuzz", "--locked", "--root"]).arg(&root);
+    if crate::run(install) {
+        Some(bin)
+    } else {
+        eprintln!("xtask: could not install cargo-fuzz (cargo install cargo-fuzz) into {}", root.display());
+        None
+    }
+}

@@ -45,11 +45,7 @@ fn steps() -> Vec<(&'static str, Step, Option<&'static str>)> {
             None,
         ),
         ("loom models (agent shared state)", Step::Check(loom), Some("agent/tests/loom.rs")),
-        (
-            "fuzz targets compile",
-            Step::Cargo(&["check", "--manifest-path", "fuzz/Cargo.toml"], &[]),
-            Some("fuzz/Cargo.toml"),
-        ),
+        ("fuzz target: build and run on the captures", Step::Check(fuzz), Some("fuzz/Cargo.toml")),
     ]
 }
 
@@ -98,4 +94,29 @@ fn loom() -> bool {
         .arg(target_dir().join("loom"))
         .env("RUSTFLAGS", "--cfg loom");
     run(cmd)
+}
+
+/// Builds the cargo-fuzz target (libFuzzer, coverage instrumentation, no sanitizer: that
+/// needs a nightly compiler) and runs it for a bounded number of inputs, seeded from the real
+/// QEMU captures; new inputs go to `<target>/fuzz-corpus`, never into the captures.
+fn fuzz() -> bool {
+    let Some(tools) = prereq::cargo_fuzz() else { return false };
+    let path = std::env::join_paths(
+        std::iter::once(tools).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+    );
+    let Ok(path) = path else { return false };
+    let corpus = target_dir().join("fuzz-corpus");
+    let _ = std::fs::create_dir_all(&corpus);
+    let fuzz_cmd = |args: &[&str]| {
+        let mut cmd = cargo();
+        cmd.current_dir(root().join("fuzz")).env("PATH", &path).arg("fuzz").args(args);
+        cmd
+    };
+    run(fuzz_cmd(&["build", "-s", "none", "stream"]))
+        && run({
+            let mut cmd = fuzz_cmd(&["run", "-s", "none", "stream"]);
+            cmd.arg(&corpus).arg(root().join("agent/tests/captures"));
+            cmd.args(["--", "-runs=200000", "-max_len=65536"]);
+            cmd
+        })
 }

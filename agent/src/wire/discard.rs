@@ -174,7 +174,8 @@ impl MaskRuns {
 }
 
 impl Iterator for MaskRuns {
-    /// `Ok((first_page, pages))`, or `Err(bit)` for a bit that lies before page 0.
+    /// `Ok((first_page, pages))`, or `Err(bit)` for a bit that lies before page 0 (or past
+    /// the end of the 64-bit page space).
     type Item = Result<(u64, u64), u32>;
 
     fn next(&mut self) -> Option<Self::Item> {
@@ -185,7 +186,10 @@ impl Iterator for MaskRuns {
         // Bits from `first` upwards that are set, until the first clear one.
         let run = (self.mask >> first).trailing_ones();
         self.mask &= if first + run >= 32 { 0 } else { !0u32 << (first + run) };
-        let page = (self.start + u64::from(first)).checked_sub(u64::from(self.first_bit_offset));
+        let page = self
+            .start
+            .checked_add(u64::from(first))
+            .and_then(|p| p.checked_sub(u64::from(self.first_bit_offset)));
         Some(page.map(|p| (p, u64::from(run))).ok_or(first))
     }
 }
@@ -270,5 +274,8 @@ mod tests {
         // first_bit_offset 3: bit 1 of the entry at page 0 is before the block.
         let early: heapless::Vec<_, 2> = MaskRuns::new(0, 0b10, 3).collect();
         assert_eq!(&early[..], &[Err(1)]);
+        // A hostile start at the top of the page space does not overflow.
+        let top: heapless::Vec<_, 2> = MaskRuns::new(u64::MAX, 0b10, 0).collect();
+        assert_eq!(&top[..], &[Err(1)]);
     }
 }

@@ -46,7 +46,11 @@ fn main() {
     if let Some(capture) = capture {
         ingest_table(&capture, machine_args.as_deref(), skip_qemu);
     } else {
-        println!("(ingest skipped: no --capture)");
+        println!("(ingest skipped: no --capture)\n");
+    }
+    println!("## Discard encoding: v5 semi-sparse bitmap vs 7.2 ranges, real QEMU 7.2 dirty sets\n");
+    if let Err(e) = qemu_tests::discard_study::print_table() {
+        println!("(encoding table failed: {e})");
     }
 }
 
