@@ -79,8 +79,17 @@ pub struct FaultSamples {
     pub releases: u64,
 }
 
-/// Runs both halves once over every page.
-pub fn measure() -> FaultSamples {
+/// The engine in RUNNING with [`PAGES`] missing pages and touched frames, its shared state,
+/// table and wake-up tokens, and one PAGE record per page, handed to `f`.
+fn with_running_engine<T>(
+    f: impl FnOnce(
+        &Shared<'_, BufferReturnPath>,
+        &SharedTable<Ept>,
+        &Wakeups,
+        &mut BenchEngine<'_>,
+        &[Vec<u8>],
+    ) -> T,
+) -> T {
     let (received, requested) = (bitmap(), bitmap());
     let shared = Shared::new(&received, &requested, BufferReturnPath(Vec::with_capacity(1 << 20)));
     let table = SharedTable::<Ept>::default();
@@ -91,7 +100,25 @@ pub fn measure() -> FaultSamples {
     assert_eq!(p.consumed, prefix.len(), "prefix decoded");
     engine.ports().prefault();
     let records: Vec<Vec<u8>> = (0..PAGES).map(page_record).collect();
+    f(&shared, &table, &wakeups, &mut engine, &records)
+}
 
+type BenchEngine<'s> = Engine<'s, 's, 'static, BufferReturnPath, HostPorts<'s, Ept>>;
+
+/// Runs both halves once over every page.
+pub fn measure() -> FaultSamples {
+    with_running_engine(|shared, table, wakeups, engine, records| {
+        measure_on(shared, table, wakeups, engine, records)
+    })
+}
+
+fn measure_on(
+    shared: &Shared<'_, BufferReturnPath>,
+    table: &SharedTable<Ept>,
+    wakeups: &Wakeups,
+    engine: &mut BenchEngine<'_>,
+    records: &[Vec<u8>],
+) -> FaultSamples {
     let mut report_to_request = Vec::with_capacity(PAGES as usize);
     let mut arrival_to_release = Vec::with_capacity(PAGES as usize);
     let mut releases = 0;
@@ -140,18 +167,11 @@ pub fn arrival_loop<E: FnMut(&[u8])>(records: &[Vec<u8>], mut receive: E) {
 /// Runs [`report_loop`] and [`arrival_loop`] once over every page (the body the
 /// `fault-loops` subcommand runs under callgrind).
 pub fn run_loops() -> (u64, u64) {
-    let (received, requested) = (bitmap(), bitmap());
-    let shared = Shared::new(&received, &requested, BufferReturnPath(Vec::with_capacity(1 << 20)));
-    let table = SharedTable::<Ept>::default();
-    let wakeups = Wakeups::new(agent::config::MAX_VCPUS);
-    let mut engine = Engine::new(&shared, HostPorts::new(&table, &wakeups), EngineConfig::default());
-    let prefix = prefix();
-    engine.receive(&prefix, &[]).expect("prefix");
-    engine.ports().prefault();
-    let records: Vec<Vec<u8>> = (0..PAGES).map(page_record).collect();
-    let waits = report_loop(&shared, PAGES);
-    arrival_loop(&records, |r| {
-        engine.receive(r, &[]).expect("page record");
-    });
-    (waits, engine.stats().pages)
+    with_running_engine(|shared, _, _, engine, records| {
+        let waits = report_loop(shared, PAGES);
+        arrival_loop(records, |r| {
+            engine.receive(r, &[]).expect("page record");
+        });
+        (waits, engine.stats().pages)
+    })
 }

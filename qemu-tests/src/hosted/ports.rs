@@ -187,7 +187,9 @@ impl<F: Format> GuestMemory for HostPorts<'_, F> {
 
     fn write(&mut self, block: usize, offset: u64, data: &[u8]) {
         let at = offset as usize;
-        self.blocks[block].bytes_mut()[at..at + data.len()].copy_from_slice(data);
+        // The hypervisor's page placement: non-temporal stores, then a fence, so the page is
+        // complete in memory before `map` publishes it.
+        hal::mem::copy_nontemporal(&mut self.blocks[block].bytes_mut()[at..at + data.len()], data);
     }
 
     fn fill(&mut self, block: usize, offset: u64, len: u64, byte: u8) {
