@@ -192,8 +192,10 @@ pub fn run_stream(stream: &[u8], capacity: usize, chunk: usize) -> Outcome {
 
 /// [`run_stream`] with an engine configuration.
 pub fn run_stream_with(stream: &[u8], capacity: usize, chunk: usize, config: EngineConfig<'_>) -> Outcome {
-    let received = bitmap(8 << 30);
-    let requested = bitmap(8 << 30);
+    // 2 GiB of guest RAM: every test stream fits, and a hostile block list is refused before
+    // the fake memory allocates it.
+    let received = bitmap(2 << 30);
+    let requested = bitmap(2 << 30);
     let shared = Shared::new(&received, &requested, VecReturnPath::default());
     let mut engine = Engine::new(&shared, FakePorts::default(), config);
     let result = feed_through_ring(&mut engine, stream, capacity, chunk).and_then(|p| match p.finished {

@@ -186,6 +186,16 @@ fn page_offsets_beyond_a_block() {
 }
 
 #[test]
+fn a_block_list_larger_than_the_page_bitmaps_is_refused_before_memory_is_asked() {
+    // 4 PiB announced: the fake memory would abort the test if asked to provide it.
+    let mut s = StreamBuilder::new();
+    s.header().command(Command::OpenReturnPath).ram_start(2, &[(b"pc.ram", 1 << 52)]);
+    let (e, out) = fails(&s.bytes);
+    assert_eq!((e.field, e.defect), (Field::RamBlockList, Defect::TooLong { len: 1 << 52, cap: 2 << 30 }));
+    assert!(out.ports.memory.blocks.is_empty(), "no block declared");
+}
+
+#[test]
 fn continue_with_no_previous_block() {
     let mut s = StreamBuilder::new();
     s.header().command(Command::OpenReturnPath).ram_start(2, &[(b"pc.ram", 0x10000)]);

@@ -399,7 +399,7 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
         }
         self.building = Some((Layout::new(), total));
         if total == 0 {
-            self.publish(at)?;
+            self.publish()?;
         }
         Ok(())
     }
@@ -418,27 +418,27 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
         })?;
         *left -= len;
         let done = *left == 0;
+        // Guest RAM is bounded by the page bitmaps: refuse a block past them before the
+        // platform is asked to provide it (a hostile MEM_SIZE may announce petabytes).
+        let capacity = self.shared.bitmap_capacity();
+        if layout.bitmap_words() > capacity {
+            let bytes = |words: usize| words as u64 * 64 * TARGET_PAGE_SIZE;
+            let defect = Defect::TooLong { len: bytes(layout.bitmap_words()), cap: bytes(capacity) };
+            return Err(Error::new(at, Field::RamBlockList, defect));
+        }
         self.ports
             .declare_block(index, name, len)
             .map_err(|_| Error::new(at, Field::RamBlockName, Defect::MemoryRefused))?;
         if done {
-            self.publish(at)?;
+            self.publish()?;
         }
         Ok(())
     }
 
-    fn publish(&mut self, at: u64) -> Handled {
+    fn publish(&mut self) -> Handled {
         let Some((mut layout, _)) = self.building.take() else {
             return Ok(());
         };
-        if layout.bitmap_words() > self.shared.bitmap_capacity() {
-            let cap = self.shared.bitmap_capacity() as u64 * 64 * TARGET_PAGE_SIZE;
-            return Err(Error::new(
-                at,
-                Field::RamBlockList,
-                Defect::TooLong { len: layout.bitmap_words() as u64 * 64 * TARGET_PAGE_SIZE, cap },
-            ));
-        }
         layout.map_for(self.machine);
         self.shared.publish_layout(layout);
         Ok(())

@@ -2,7 +2,10 @@
 
 use bitflags::bitflags;
 
-use super::{counted_str, ParseResult, Parsed, Writer};
+use zerocopy::byteorder::big_endian::U64;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use super::{counted_str, view, ParseResult, Parsed, Writer};
 use crate::config::{TARGET_PAGE_BITS, TARGET_PAGE_SIZE};
 use crate::error::{Defect, Field};
 
@@ -105,18 +108,37 @@ pub enum RamRecord<'a> {
     Eos,
 }
 
-const WORD: usize = 8;
+/// The 64-bit word every RAM record starts with: flags in the low `TARGET_PAGE_BITS` bits,
+/// a page-aligned value (block offset, or MEM_SIZE's total) above them.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug)]
+#[repr(C)]
+pub struct RamWord {
+    /// `offset | flags`.
+    pub word: U64,
+}
+
+impl RamWord {
+    /// The flag bits.
+    pub fn flags(&self) -> u64 {
+        self.word.get() & (TARGET_PAGE_SIZE - 1)
+    }
+
+    /// The page-aligned value.
+    pub fn value(&self) -> u64 {
+        self.word.get() & !(TARGET_PAGE_SIZE - 1)
+    }
+}
+
+const WORD: usize = core::mem::size_of::<RamWord>();
 
 impl<'a> RamRecord<'a> {
     /// Parses a record word and what belongs to it (idstr, ZERO's fill byte).
     pub fn parse(buf: &'a [u8]) -> ParseResult<Self> {
-        let Some(word) = buf.get(..WORD) else {
-            return Ok(Parsed::Need(WORD));
+        let word: &RamWord = match view(buf) {
+            Ok(w) => w,
+            Err(n) => return Ok(Parsed::Need(n)),
         };
-        let word =
-            u64::from_be_bytes([word[0], word[1], word[2], word[3], word[4], word[5], word[6], word[7]]);
-        let flag_mask = TARGET_PAGE_SIZE - 1;
-        let (flags, value) = (word & flag_mask, word & !flag_mask);
+        let (flags, value) = (word.flags(), word.value());
         let kind = RamKind::from_flags(flags);
         match kind {
             RamKind::Xbzrle | RamKind::Hook | RamKind::CompressPage => {
@@ -163,7 +185,7 @@ impl<'a> RamRecord<'a> {
         if value & (TARGET_PAGE_SIZE - 1) != 0 {
             return None;
         }
-        w.put(&(value | flags.bits()).to_be_bytes())?;
+        w.put(RamWord { word: U64::new(value | flags.bits()) }.as_bytes())?;
         if let Some(name) = block {
             w.put_counted(name)?;
         }
