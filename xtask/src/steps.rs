@@ -97,7 +97,7 @@ fn loom() -> bool {
 }
 
 /// Builds the cargo-fuzz target (libFuzzer, coverage instrumentation, no sanitizer: that
-/// needs a nightly compiler) and runs it for a bounded number of inputs, seeded from the real
+/// needs a nightly compiler) and runs it for 45 seconds, seeded from the real
 /// QEMU captures; new inputs go to `<target>/fuzz-corpus`, never into the captures.
 fn fuzz() -> bool {
     let Some(tools) = prereq::cargo_fuzz() else { return false };
@@ -116,7 +116,7 @@ fn fuzz() -> bool {
         && run({
             let mut cmd = fuzz_cmd(&["run", "-s", "none", "stream"]);
             cmd.arg(&corpus).arg(root().join("agent/tests/captures"));
-            cmd.args(["--", "-runs=200000", "-max_len=65536"]);
+            cmd.args(["--", "-max_total_time=45", "-max_len=65536"]);
             cmd
         })
 }
