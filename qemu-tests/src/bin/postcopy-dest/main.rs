@@ -28,8 +28,6 @@ use hal::stage2::{Ept, Format, Npt};
 use qemu_tests::hosted::ports::{GuestRam, HostPorts, SharedTable, SocketReturnPath, Wakeups};
 use qemu_tests::hosted::vcpu::{self, Touch, VcpuReport};
 
-/// Bytes of the receive ring (the hypervisor's vsock RX buffers play this role).
-const RING: usize = 256 << 10;
 /// Guest RAM the page bitmaps cover.
 const MAX_GUEST_RAM: u64 = 64 << 30;
 
@@ -172,9 +170,9 @@ fn run(args: &Args) -> Result<Outcome, String> {
 }
 
 fn run_on<F: Format>(args: &Args) -> Result<Outcome, String> {
-    let (mut input, rp) = connect(&args.source)?;
+    let (input, rp) = connect(&args.source)?;
     let started = Instant::now();
-    let mut record = match &args.record {
+    let record = match &args.record {
         Some(p) => Some(File::create(p).map_err(|e| format!("create {}: {e}", p.display()))?),
         None => None,
     };
@@ -195,7 +193,7 @@ fn run_on<F: Format>(args: &Args) -> Result<Outcome, String> {
                 s.spawn(move || vcpu::run(i, shared, table, wakeups, args.touch, seed, stop))
             })
             .collect();
-        let result = receive(&mut engine, &mut input, record.as_mut());
+        let result = receive(&mut engine, input, record);
         stop.store(true, Ordering::Release);
         let vcpus: Result<Vec<_>, String> = handles
             .into_iter()
@@ -226,45 +224,115 @@ fn page_bitmap(bytes: u64) -> Vec<AtomicU64> {
     (0..bytes / (64 * 4096)).map(|_| AtomicU64::new(0)).collect()
 }
 
-/// Reads the stream into the ring and feeds the engine until the migration completes.
+/// Reads the stream on a thread of its own (the transport's receive side, which in the
+/// hypervisor is the device filling the vsock RX buffers in parallel with the CPU) and feeds
+/// the engine until the migration completes. Buffers are recycled; each carries whatever one
+/// `read` returned, so a page request's answer is decoded as soon as it arrives.
 fn receive<R: agent::ports::ReturnPath, F: Format>(
     engine: &mut Engine<'_, '_, '_, R, HostPorts<'_, F>>,
-    input: &mut dyn Read,
-    mut record: Option<&mut File>,
+    input: Box<dyn Read + Send>,
+    record: Option<File>,
 ) -> Result<(), String> {
-    let mut ring = vec![0u8; RING];
-    let (mut head, mut len) = (0usize, 0usize);
-    loop {
-        // Read into the free space up to the ring's end (or up to the head, after a wrap).
-        let tail = (head + len) % RING;
-        let free_end = if tail >= head && len < RING { RING } else { head };
-        let n = if len == RING {
-            0
-        } else {
-            match input.read(&mut ring[tail..free_end]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(format!("reading the stream: {e}")),
+    let (full, recycled) = spawn_reader(input, record);
+    // The unconsumed end of the previous buffer: at most a record header (payload bytes are
+    // always consumed as they come).
+    let mut carry: Vec<u8> = Vec::new();
+    for chunk in full.iter() {
+        let chunk = chunk?;
+        if chunk.is_empty() {
+            break;
+        }
+        let mut at = 0;
+        while at < chunk.len() {
+            let p = if carry.is_empty() {
+                engine.receive(&chunk[at..], &[])
+            } else {
+                engine.receive(&carry, &chunk[at..])
             }
-        };
-        if let Some(f) = record.as_mut() {
-            f.write_all(&ring[tail..tail + n]).map_err(|e| format!("--record: {e}"))?;
-        }
-        len += n;
-        let first_len = len.min(RING - head);
-        let progress = engine
-            .receive(&ring[head..head + first_len], &ring[..len - first_len])
             .map_err(|e| e.to_string())?;
-        head = (head + progress.consumed) % RING;
-        len -= progress.consumed;
-        if progress.finished {
-            return Ok(());
+            if p.finished {
+                return Ok(());
+            }
+            let from_carry = p.consumed.min(carry.len());
+            carry.drain(..from_carry);
+            at += p.consumed - from_carry;
+            if p.consumed == 0 {
+                carry.extend_from_slice(&chunk[at..]);
+                break;
+            }
         }
-        if n == 0 && progress.consumed == 0 {
-            engine.end_of_input().map_err(|e| e.to_string())?;
-            return Ok(());
-        }
+        // The reader may already be gone (end of input): then the buffer is just dropped.
+        let _ = recycled.send(chunk);
     }
+    loop {
+        let p = engine.receive(&carry, &[]).map_err(|e| e.to_string())?;
+        if p.finished {
+            return Ok(());
+        }
+        if p.consumed == 0 {
+            return engine.end_of_input().map(drop).map_err(|e| e.to_string());
+        }
+        carry.drain(..p.consumed);
+    }
+}
+
+/// Bytes one `read` may return; buffers in flight between the reader and the engine.
+const CHUNK: usize = 256 << 10;
+const BUFFERS: usize = 8;
+
+type Chunk = Result<Vec<u8>, String>;
+
+/// The reader thread: `read`s into recycled buffers, writes them to `--record`, and sends
+/// them on; an empty buffer marks the end of input. It is detached: if the migration ends
+/// while it blocks in `read`, the process exit ends it.
+fn spawn_reader(
+    mut input: Box<dyn Read + Send>,
+    mut record: Option<File>,
+) -> (std::sync::mpsc::Receiver<Chunk>, std::sync::mpsc::SyncSender<Vec<u8>>) {
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Chunk>(BUFFERS);
+    let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(BUFFERS);
+    std::thread::spawn(move || {
+        let mut allocated = 0;
+        loop {
+            let mut buf = match empty_rx.try_recv() {
+                Ok(b) => b,
+                Err(_) if allocated < BUFFERS => {
+                    allocated += 1;
+                    Vec::with_capacity(CHUNK)
+                }
+                Err(_) => match empty_rx.recv() {
+                    Ok(b) => b,
+                    Err(_) => return,
+                },
+            };
+            buf.resize(CHUNK, 0);
+            let read = loop {
+                match input.read(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    other => break other,
+                }
+            };
+            let sent = match read {
+                Ok(n) => {
+                    buf.truncate(n);
+                    let recorded = match record.as_mut() {
+                        Some(f) => f.write_all(&buf).map_err(|e| format!("--record: {e}")),
+                        None => Ok(()),
+                    };
+                    let go_on = n > 0 && recorded.is_ok();
+                    full_tx.send(recorded.map(|()| buf)).is_ok() && go_on
+                }
+                Err(e) => {
+                    let _ = full_tx.send(Err(format!("reading the stream: {e}")));
+                    false
+                }
+            };
+            if !sent {
+                return;
+            }
+        }
+    });
+    (full_rx, empty_tx)
 }
 
 fn dump(dir: &PathBuf, blocks: &[GuestRam], device_state: &[u8]) -> Result<(), String> {
