@@ -356,13 +356,10 @@ impl Cx<'_> {
                 }
             }
             Expect::SkipPayload(left) => {
-                let piece = take(input.contiguous(), left as usize);
-                if piece.is_empty() {
-                    return Ok(None);
-                }
-                let rest = left - piece.len() as u16;
-                *self.expect = if rest == 0 { Expect::TopLevel } else { Expect::SkipPayload(rest) };
-                Ok(Some((Record::CommandPayload(piece), piece.len())))
+                self.payload(input, left.into(), Record::CommandPayload, |rest| match rest {
+                    0 => Expect::TopLevel,
+                    _ => Expect::SkipPayload(rest as u16),
+                })
             }
             Expect::RamBody { section_id, setup } => self.ram_record(input, section_id, setup),
             Expect::BlockList { section_id, left } => {
@@ -382,17 +379,10 @@ impl Cx<'_> {
                 Ok(r.map(|(e, n)| (Record::Block(e), n)))
             }
             Expect::PagePayload { section_id, left } => {
-                let piece = take(input.contiguous(), usize::from(left));
-                if piece.is_empty() {
-                    return Ok(None);
-                }
-                let rest = left - piece.len() as u16;
-                *self.expect = if rest == 0 {
-                    Expect::RamBody { section_id, setup: false }
-                } else {
-                    Expect::PagePayload { section_id, left: rest }
-                };
-                Ok(Some((Record::PageData(piece), piece.len())))
+                self.payload(input, left.into(), Record::PageData, |rest| match rest {
+                    0 => Expect::RamBody { section_id, setup: false },
+                    _ => Expect::PagePayload { section_id, left: rest as u16 },
+                })
             }
             Expect::Footer { section_id } => {
                 let r = input.unit(ShortHeader::parse)?;
@@ -422,19 +412,33 @@ impl Cx<'_> {
                 Some(other) => Err((Field::EndOfStream, Defect::Unknown { found: other.into() })),
             },
             Expect::VmDescription(left) => {
-                let piece = take(input.contiguous(), left as usize);
-                if piece.is_empty() {
-                    return Ok(None);
-                }
-                let rest = left - piece.len() as u32;
-                *self.expect = if rest == 0 { Expect::Done } else { Expect::VmDescription(rest) };
-                Ok(Some((Record::VmDescriptionData(piece), piece.len())))
+                self.payload(input, left.into(), Record::VmDescriptionData, |rest| match rest {
+                    0 => Expect::Done,
+                    _ => Expect::VmDescription(rest as u32),
+                })
             }
             Expect::Done => match input.peek() {
                 None => Ok(None),
                 Some(other) => Err((Field::EndOfStream, Defect::Unknown { found: other.into() })),
             },
         }
+    }
+
+    /// The next piece of a payload with `left` bytes to go: as much of it as the ring holds
+    /// contiguously, handed out in place; `next(rest)` is what comes after this piece.
+    fn payload<'a>(
+        &mut self,
+        input: Input<'a>,
+        left: u64,
+        record: impl FnOnce(&'a [u8]) -> Record<'a>,
+        next: impl FnOnce(u64) -> Expect,
+    ) -> StepResult<'a> {
+        let piece = take(input.contiguous(), usize::try_from(left).unwrap_or(usize::MAX));
+        if piece.is_empty() {
+            return Ok(None);
+        }
+        *self.expect = next(left - piece.len() as u64);
+        Ok(Some((record(piece), piece.len())))
     }
 
     /// Moves to `next` if a record was parsed, and maps it.
