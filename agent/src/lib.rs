@@ -1,7 +1,7 @@
 //! The postcopy destination's core: QEMU migration stream decoding, the postcopy state, the
 //! engine that turns records into actions, and page tracking.
 //!
-//! `no_std`, no heap, no `unsafe`, no panics on any input. It does no I/O: bytes come in from
+//! `no_std`, no heap, safe Rust only (`forbid(unsafe_code)`), no panics on any input. It does no I/O: bytes come in from
 //! the caller's receive ring, actions go out through the traits in [`ports`].
 #![no_std]
 #![forbid(unsafe_code)]
