@@ -4,7 +4,9 @@
 //! frame is not in any cache. An ordinary copy first reads every destination line (a
 //! read-for-ownership) only to overwrite it; non-temporal stores (`MOVNTI`, general-purpose
 //! registers: no SSE state, which belongs to the guest) write the lines without reading
-//! them. Measured here on a 4 KiB page into a cold frame: about 260 ns instead of 450 ns.
+//! them. Measured here on a 4 KiB page into a cold frame: about 320 ns instead of 470 ns
+//! (unrolled to 32 bytes per iteration; one 8-byte store per iteration is no faster than an
+//! ordinary copy).
 //! The faulting vCPU then reads the line it wanted from memory, once.
 //!
 //! Non-temporal stores are weakly ordered: [`copy_nontemporal`] ends with `SFENCE`, so every
@@ -28,20 +30,50 @@ pub fn copy_nontemporal(dst: &mut [u8], src: &[u8]) {
     dst[tail..].copy_from_slice(&src[tail..]);
 }
 
-/// Copies `src` into `dst` (equal lengths, a multiple of 8; `dst` 8-byte aligned) with one
-/// `MOVNTI` per 8-byte word, then `SFENCE`.
+/// Copies `src` into `dst` (equal lengths, a multiple of 8; `dst` 8-byte aligned) with
+/// `MOVNTI` stores, 32 bytes per loop iteration, then `SFENCE`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn store_words_nontemporal(dst: &mut [u8], src: &[u8]) {
-    for (word, value) in dst.chunks_exact_mut(8).zip(src.chunks_exact(8)) {
+    let len = dst.len().min(src.len());
+    let blocks = len / 32;
+    if blocks > 0 {
+        // SAFETY: the loop reads `blocks` 32-byte blocks from `src` (unaligned 8-byte loads)
+        // and writes as many to `dst`; both slices are at least `32 * blocks` bytes long, and
+        // `dst` is exclusively borrowed and 8-byte aligned, as MOVNTI requires. The asm
+        // clobbers only the registers named here and the flags. MOVNTI is baseline x86-64
+        // (SSE2 ISA, general-purpose registers: no SSE state, which belongs to the guest).
+        unsafe {
+            core::arch::asm!(
+                "2:",
+                "mov {a}, qword ptr [{s}]",
+                "mov {b}, qword ptr [{s} + 8]",
+                "movnti qword ptr [{d}], {a}",
+                "movnti qword ptr [{d} + 8], {b}",
+                "mov {a}, qword ptr [{s} + 16]",
+                "mov {b}, qword ptr [{s} + 24]",
+                "movnti qword ptr [{d} + 16], {a}",
+                "movnti qword ptr [{d} + 24], {b}",
+                "add {s}, 32",
+                "add {d}, 32",
+                "dec {n}",
+                "jnz 2b",
+                s = inout(reg) src.as_ptr() => _,
+                d = inout(reg) dst.as_mut_ptr() => _,
+                n = inout(reg) blocks => _,
+                a = out(reg) _,
+                b = out(reg) _,
+                options(nostack),
+            );
+        }
+    }
+    let done = blocks * 32;
+    for (word, value) in dst[done..len].chunks_exact_mut(8).zip(src[done..len].chunks_exact(8)) {
         let value = u64::from_ne_bytes([
             value[0], value[1], value[2], value[3], value[4], value[5], value[6], value[7],
         ]);
-        debug_assert!(word.as_ptr().align_offset(8) == 0);
         // SAFETY: `word` is an exclusively borrowed 8-byte chunk of the 8-byte-aligned `dst`,
-        // so the 8-byte store stays inside it and races with nothing. MOVNTI is baseline
-        // x86-64 (SSE2 ISA, general-purpose registers: no SSE state, which belongs to the
-        // guest).
+        // so the 8-byte store stays inside it and races with nothing.
         unsafe {
             core::arch::asm!("movnti qword ptr [{0}], {1}", in(reg) word.as_mut_ptr(), in(reg) value, options(nostack, preserves_flags));
         }
