@@ -132,6 +132,13 @@ fn faults_request_once_wait_and_are_released_when_the_page_is_mapped() {
     released.sort();
     assert_eq!(released, [0, 1, 2, 3], "every parked vCPU released exactly once");
     assert_eq!(fault(page(12), 0), Ok(Fault::Resume));
+    // After SHUT nothing more may be requested: the stream sent every page it had.
+    assert_eq!(shared.state.get(), State::End);
+    let sent_before = shared.with_rp(|rp| rp.port().sent.len());
+    assert_eq!(fault(page(20), 0), Ok(Fault::Resume), "page 20 arrived in postcopy");
+    shared.mark_discarded(shared.layout().unwrap(), 0, page(21), TARGET_PAGE_SIZE);
+    assert_eq!(fault(page(21), 0), Err(FaultError::NotPostcopy { state: State::End }));
+    assert_eq!(shared.with_rp(|rp| rp.port().sent.len()), sent_before, "no request after SHUT");
 }
 
 #[test]

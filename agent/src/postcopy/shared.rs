@@ -62,7 +62,8 @@ pub enum FaultError {
         /// The faulting guest-physical address.
         gpa: u64,
     },
-    /// No page can be missing in this state (before RUN, or after a plain precopy).
+    /// No page can be requested in this state (before LISTEN, after a plain precopy, or after
+    /// the migration ended).
     NotPostcopy {
         /// The state.
         state: State,
@@ -286,6 +287,12 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
         let (received, requested, mask) = self.bits(layout, block, offset).ok_or(outside)?;
         if received.load(Ordering::SeqCst) & mask != 0 {
             return Ok(Fault::Resume);
+        }
+        if state == State::End {
+            // SHUT has gone out: nothing may be requested any more, and every page the
+            // source had was sent. A page still missing is a guest access to memory the
+            // source never sent, not a page to wait for.
+            return Err(FaultError::NotPostcopy { state });
         }
         if requested.fetch_or(mask, Ordering::SeqCst) & mask == 0 {
             self.request(layout, block, offset, page_size)?;
