@@ -22,8 +22,11 @@ pub const BOUNCE_CAPACITY: usize = 512;
 pub const MAX_BLOCKS: usize = 16;
 /// Iterative sections (START/PART/END) the decoder remembers by id; 7.2 sends only `ram`.
 pub const MAX_ITERATIVE_SECTIONS: usize = 4;
-/// vCPUs that can wait on pages at once (one parking slot each).
+/// vCPUs that can wait on pages at once (one parking slot each; a fault from a vCPU index at
+/// or above it is refused with `FaultError::NoSuchVcpu`).
 pub const MAX_VCPUS: usize = 64;
+// The set of vCPUs that may be parked is one 64-bit word.
+const _: () = assert!(MAX_VCPUS <= 64);
 /// Regions of the guest-physical map (pc/q35 use at most 4).
 pub const MAX_GPA_REGIONS: usize = 8;
 /// Largest machine-type name accepted in CONFIGURATION ("pc-i440fx-7.2" is 13 bytes).

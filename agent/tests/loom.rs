@@ -78,6 +78,51 @@ fn fault_wait_wake_releases_each_parked_vcpu_exactly_once() {
     });
 }
 
+/// Release tokens shared with the vCPU threads (the platform's "make runnable").
+struct Tokens(Arc<[loom::sync::atomic::AtomicUsize; 2]>);
+
+impl PageWaiters for Tokens {
+    fn release(&mut self, vcpu: usize) {
+        self.0[vcpu].fetch_add(1, loom::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// One vCPU faults on page A, waits for its release, then faults on page B, while the stream
+/// context places A and then B: the second park is seen although the vCPU's bit in the
+/// parked set was already set by the first, and every park ends in exactly one release.
+#[test]
+fn a_vcpu_parks_twice_and_is_released_each_time() {
+    const B: u64 = 0x5000;
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(3);
+    builder.check(|| {
+        let shared = running_shared();
+        let tokens: Arc<[loom::sync::atomic::AtomicUsize; 2]> = Arc::new(Default::default());
+        let vcpu = {
+            let (shared, tokens) = (shared.clone(), tokens.clone());
+            thread::spawn(move || {
+                let mut waits = 0;
+                for page in [PAGE, B] {
+                    if let Fault::Wait { .. } = shared.on_guest_fault(page, Access::Write, 1).unwrap() {
+                        waits += 1;
+                        while tokens[1].load(loom::sync::atomic::Ordering::SeqCst) < waits {
+                            thread::yield_now();
+                        }
+                    }
+                    assert!(shared.is_received(0, page));
+                }
+                waits
+            })
+        };
+        let layout = shared.layout().unwrap();
+        let mut waiters = Tokens(tokens.clone());
+        shared.page_arrived(layout, 0, PAGE, &mut waiters);
+        shared.page_arrived(layout, 0, B, &mut waiters);
+        let waits = vcpu.join().unwrap();
+        assert_eq!(tokens[1].load(loom::sync::atomic::Ordering::SeqCst), waits, "one release per park");
+    });
+}
+
 /// A vCPU that sees RUNNING sees every discard the stream context made before RUN.
 #[test]
 fn running_publishes_the_discards_made_before_it() {

@@ -8,6 +8,7 @@
 //! | `received` bits | stream context: set after a page is complete and mapped; cleared by a discard (before LISTEN: no vCPU runs) | every page | vCPUs on a fault |
 //! | `requested` bits | vCPUs: set by the first toucher of a missing page; cleared by a discard | faults | stream context after placing a page |
 //! | `parked[v]` | vCPU `v` stores the page it waits for; whoever wins the compare-exchange back to empty clears it (the stream context releasing `v`, or `v` finding its page arrived) | faults, page arrival | both |
+//! | `parkers` (bit `v`: vCPU `v` may be parked) | vCPU `v` only, its own bit: set before it parks, cleared when it resumes by itself | faults | stream context, to visit only those slots |
 //! | `rp` (return path + last requested block) | both, under its lock | PONG/SHUT, page requests | - |
 //!
 //! # Fault → wait → wake
@@ -21,6 +22,10 @@
 //! The stream context placing P: copies, maps, sets `received[P]`, then, if P was requested,
 //! claims every vCPU parked on P (compare-exchange `parked[v]` P → empty) and releases each
 //! one it claimed.
+//!
+//! The stream context visits only the slots whose bit is set in `parkers`: vCPU `v` sets its
+//! bit before its fence, so whenever its slot is visible, so is its bit. A released vCPU's bit
+//! stays set (harmless: its slot is empty) until it next resumes by itself.
 //!
 //! The vCPU's store to `parked[v]` and the stream context's store to `received[P]` are each
 //! followed by a `SeqCst` fence and then a read of the other's variable, so at least one side
@@ -165,6 +170,7 @@ pub struct Shared<'a, R> {
     requested: &'a [AtomicU64],
     rp: Mutex<RpSender<R>>,
     parked: [AtomicU64; MAX_VCPUS],
+    parkers: AtomicU64,
     /// Fault counters.
     pub counters: FaultCounters,
 }
@@ -181,6 +187,7 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
             requested,
             rp: Mutex::new(RpSender { port: rp, open: false, last_block: None }),
             parked: core::array::from_fn(|_| AtomicU64::new(NOT_PARKED)),
+            parkers: AtomicU64::new(0),
             counters: FaultCounters::default(),
         }
     }
@@ -237,7 +244,13 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
             return;
         }
         let key = page_key(block, offset);
-        for (vcpu, slot) in self.parked.iter().enumerate() {
+        // Only the slots of vCPUs that may be parked (their bit was set before they parked,
+        // so the fence above makes it visible whenever their slot is).
+        let mut parkers = self.parkers.load(Ordering::SeqCst);
+        while parkers != 0 {
+            let vcpu = parkers.trailing_zeros() as usize;
+            parkers &= parkers - 1;
+            let Some(slot) = self.parked.get(vcpu) else { break };
             if slot.load(Ordering::SeqCst) == key
                 && slot.compare_exchange(key, NOT_PARKED, Ordering::SeqCst, Ordering::SeqCst).is_ok()
             {
@@ -299,12 +312,16 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
         }
         let key = page_key(block, offset);
         slot.store(key, Ordering::SeqCst);
+        // Only this vCPU changes its bit, so the stream context can never lose it.
+        let bit = 1u64 << vcpu;
+        self.parkers.fetch_or(bit, Ordering::SeqCst);
         // Pairs with the fence in `page_arrived`.
         fence(Ordering::SeqCst);
         if received.load(Ordering::SeqCst) & mask != 0
             && slot.compare_exchange(key, NOT_PARKED, Ordering::SeqCst, Ordering::SeqCst).is_ok()
         {
             // The page arrived meanwhile and nobody claimed us: no release will come.
+            self.parkers.fetch_and(!bit, Ordering::SeqCst);
             return Ok(Fault::Resume);
         }
         Ok(Fault::Wait { block, offset })

@@ -29,6 +29,8 @@ use crate::hosted::ports::{HostPorts, SharedTable, Wakeups};
 
 /// Pages of the benchmark guest (64 MiB).
 pub const PAGES: u64 = 16 << 10;
+/// vCPUs of the benchmark guest; they fault in turn (the interop tests run 4 too).
+pub const VCPUS: usize = 4;
 
 /// A return path that appends to a preallocated buffer (a vsock TX ring stands in here).
 #[derive(Debug, Default)]
@@ -95,7 +97,7 @@ fn with_running_engine<T>(
     let (received, requested) = (bitmap(), bitmap());
     let shared = Shared::new(&received, &requested, BufferReturnPath(Vec::with_capacity(1 << 20)));
     let table = SharedTable::<Ept>::default();
-    let wakeups = Wakeups::new(agent::config::MAX_VCPUS);
+    let wakeups = Wakeups::new(VCPUS);
     let mut engine = Engine::new(&shared, HostPorts::new(&table, &wakeups), EngineConfig::default());
     let prefix = prefix();
     let p = engine.receive(&prefix, &[]).expect("prefix");
@@ -129,7 +131,7 @@ fn measure_on(
     let mut rx = vec![0u8; 2 * TARGET_PAGE_SIZE as usize];
     for (page, record) in records.iter().enumerate() {
         let gpa = page as u64 * TARGET_PAGE_SIZE;
-        let vcpu = page % agent::config::MAX_VCPUS;
+        let vcpu = page % VCPUS;
         let t = Instant::now();
         let fault = shared.on_guest_fault(black_box(gpa), Access::Read, vcpu);
         report_to_request.push(t.elapsed());
@@ -156,7 +158,7 @@ fn measure_on(
 pub fn report_loop(shared: &Shared<'_, BufferReturnPath>, pages: u64) -> u64 {
     let mut waits = 0;
     for page in 0..pages {
-        let vcpu = (page % agent::config::MAX_VCPUS as u64) as usize;
+        let vcpu = (page % VCPUS as u64) as usize;
         let fault = shared.on_guest_fault(black_box(page * TARGET_PAGE_SIZE), Access::Read, vcpu);
         waits += u64::from(matches!(fault, Ok(Fault::Wait { .. })));
     }
@@ -181,4 +183,15 @@ pub fn run_loops() -> (u64, u64) {
         });
         (waits, engine.stats().pages)
     })
+}
+
+/// `n` timings of an empty interval: what a clock pair itself costs.
+pub fn empty_intervals(n: usize) -> Vec<Duration> {
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            black_box(());
+            t.elapsed()
+        })
+        .collect()
 }
