@@ -226,9 +226,11 @@ fn ingest_table(capture: &PathBuf, machine_args: Option<&[String]>, skip_qemu: b
         ours_fresh.as_secs_f64() * 1e3,
         ingest::mb_per_s(bytes, ours_fresh)
     );
-    if let Some((d, wall)) = dest {
+    if let Some((d, wall, fastest, slowest)) = dest {
         println!(
-            "| ours: `postcopy-dest --input`, file opened → migration complete (its summary's `seconds`) | {:.0} ms | {:.0} |",
+            "| ours: `postcopy-dest --input`, file opened → migration complete (its summary's `seconds`), median of {RUNS} (range {:.0}-{:.0} ms) | {:.0} ms | {:.0} |",
+            fastest.as_secs_f64() * 1e3,
+            slowest.as_secs_f64() * 1e3,
             d.as_secs_f64() * 1e3,
             ingest::mb_per_s(bytes, d)
         );
@@ -248,10 +250,17 @@ fn ingest_table(capture: &PathBuf, machine_args: Option<&[String]>, skip_qemu: b
     if !skip_qemu {
         let default_args: Vec<String> = ["-machine", "pc", "-m", "320M"].map(String::from).to_vec();
         let args = machine_args.map(<[String]>::to_vec).unwrap_or(default_args);
-        match qemu_load::incoming_load(capture, &args) {
-            Ok(t) => {
+        // Median of 5: fresh guest memory costs very different amounts from run to run here
+        // (huge-page availability in this VM), for QEMU as for us.
+        let loads: Result<Vec<_>, _> = (0..RUNS).map(|_| qemu_load::incoming_load(capture, &args)).collect();
+        match loads {
+            Ok(mut loads) => {
+                loads.sort_by_key(|l| l.wall);
+                let t = &loads[loads.len() / 2];
                 println!(
-                    "| QEMU 7.2 `-incoming` load (exec:cat) | {:.0} ms | {:.0} |",
+                    "| QEMU 7.2 `-incoming` load (exec:cat), median of {RUNS} (range {:.0}-{:.0} ms) | {:.0} ms | {:.0} |",
+                    loads[0].wall.as_secs_f64() * 1e3,
+                    loads[loads.len() - 1].wall.as_secs_f64() * 1e3,
                     t.wall.as_secs_f64() * 1e3,
                     t.mb_per_s
                 );
@@ -261,7 +270,7 @@ fn ingest_table(capture: &PathBuf, machine_args: Option<&[String]>, skip_qemu: b
         }
     }
     let ours_rate = ingest::mb_per_s(bytes, ours);
-    let dest_rate = dest.map(|(d, _)| ingest::mb_per_s(bytes, d));
+    let dest_rate = dest.map(|(d, ..)| ingest::mb_per_s(bytes, d));
     println!(
         "\nours / memcpy = **{:.0}%** (touched frames vs touched memory), **{:.0}%** (fresh vs fresh) (target ≥ 50%)",
         100.0 * ours_rate / ingest::mb_per_s(bytes, warm),
@@ -286,12 +295,15 @@ fn ingest_table(capture: &PathBuf, machine_args: Option<&[String]>, skip_qemu: b
     println!();
 }
 
-/// `postcopy-dest --input capture`, median of 3: the process's wall time, and the time it
+/// Runs of each whole-process measurement (the medians are reported).
+const RUNS: usize = 5;
+
+/// `postcopy-dest --input capture`, median of [`RUNS`]: the process's wall time, and the time it
 /// reports from opening the stream to the completed migration (what QEMU's load time
 /// measures too: neither counts process start-up and tear-down).
-fn postcopy_dest_input(capture: &PathBuf) -> Option<(Duration, Duration)> {
+fn postcopy_dest_input(capture: &PathBuf) -> Option<(Duration, Duration, Duration, Duration)> {
     let exe = std::env::current_exe().ok()?.with_file_name("postcopy-dest");
-    let mut times: Vec<(Duration, Duration)> = (0..3)
+    let mut times: Vec<(Duration, Duration)> = (0..RUNS)
         .filter_map(|_| {
             let t = std::time::Instant::now();
             let out = Command::new(&exe).arg("--input").arg(capture).output().ok()?;
@@ -302,5 +314,6 @@ fn postcopy_dest_input(capture: &PathBuf) -> Option<(Duration, Duration)> {
         })
         .collect();
     times.sort();
-    times.get(times.len() / 2).copied()
+    let median = times.get(times.len() / 2).copied()?;
+    Some((median.0, median.1, times[0].0, times[times.len() - 1].0))
 }
