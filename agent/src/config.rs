@@ -18,6 +18,11 @@ pub const HOST_PAGE_SIZE: u64 = 4096;
 /// VMDESCRIPTION) never go through it: they are handed out as slices of the ring.
 pub const BOUNCE_CAPACITY: usize = 512;
 
+/// Guest RAM the page bitmaps cover is set by the caller's storage, not here: `Shared::new`
+/// takes the `received` and `requested` bitmaps (one bit per 4 KiB page; a static array in
+/// the hypervisor, 64 GiB worth in `postcopy-dest`). A block list past them is refused
+/// (`Field::RamBlockList`, `Defect::TooLong`) before any memory is asked for.
+///
 /// RAMBlocks the destination tracks. pc/q35 have 6; more is refused (`Defect::TooMany`).
 pub const MAX_BLOCKS: usize = 16;
 /// Iterative sections (START/PART/END) the decoder remembers by id; 7.2 sends only `ram`.

@@ -183,3 +183,87 @@ fn builder_streams_are_what_the_spec_shows() {
     blob.command(Command::Ping(3)).command(Command::Run);
     assert_eq!(blob.bytes, [0x08, 0, 2, 0, 4, 0, 0, 0, 3, 0x08, 0, 5, 0, 0]);
 }
+
+/// The records of `stream` as decoded through a ring of `capacity` bytes filled `chunk` bytes
+/// at a time, as owned strings, with the pieces of each payload joined: what the decoder
+/// says, independent of where the ring split it.
+fn records_through_ring(stream: &[u8], capacity: usize, chunk: usize) -> Vec<String> {
+    use agent::decoder::{Decoder, Record, Step};
+    let mut decoder = Decoder::new(Dialect::Qemu72);
+    let mut ring = vec![0u8; capacity];
+    let (mut head, mut len, mut written) = (0usize, 0usize, 0usize);
+    let mut out: Vec<String> = Vec::new();
+    let mut payload: Option<(&'static str, Vec<u8>)> = None;
+    loop {
+        let n = chunk.min(capacity - len).min(stream.len() - written);
+        for i in 0..n {
+            ring[(head + len + i) % capacity] = stream[written + i];
+        }
+        len += n;
+        written += n;
+        let mut progressed = false;
+        loop {
+            let first_len = len.min(capacity - head);
+            let step =
+                decoder.next(&ring[head..head + first_len], &ring[..len - first_len]).expect("valid stream");
+            let Step::Record { record, len: used, .. } = step else { break };
+            progressed = true;
+            let piece = match record {
+                Record::PageData(d) => Some(("page", d)),
+                Record::DeviceData(d) => Some(("device", d)),
+                Record::VmDescriptionData(d) => Some(("vmdesc", d)),
+                Record::CommandPayload(d) => Some(("payload", d)),
+                _ => None,
+            };
+            match (piece, payload.as_mut()) {
+                (Some((kind, d)), Some((k, buf))) if *k == kind => buf.extend_from_slice(d),
+                (Some((kind, d)), _) => {
+                    if let Some((k, buf)) = payload.take() {
+                        out.push(format!("{k} {buf:?}"));
+                    }
+                    payload = Some((kind, d.to_vec()));
+                }
+                (None, _) => {
+                    if let Some((k, buf)) = payload.take() {
+                        out.push(format!("{k} {buf:?}"));
+                    }
+                    out.push(format!("{record:?}"));
+                }
+            }
+            head = (head + used) % capacity;
+            len -= used;
+        }
+        if written == stream.len() && !progressed && n == 0 {
+            if let Some((k, buf)) = payload.take() {
+                out.push(format!("{k} {buf:?}"));
+            }
+            assert!(decoder.at_end(), "the whole stream decoded");
+            return out;
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// The decoder itself (not only the engine's effects) yields the same records, payloads
+    /// joined, however a ring splits a valid stream.
+    #[test]
+    fn the_same_records_through_any_ring(pages in 1u64..6, cap in 520usize..6000, chunk in 1usize..5000) {
+        let stream = postcopy_stream(pages, 0..pages.min(2));
+        let whole = records_through_ring(&stream, stream.len() + 1, stream.len());
+        let split = records_through_ring(&stream, cap, chunk);
+        prop_assert_eq!(split, whole);
+    }
+}
+
+#[test]
+fn a_real_capture_yields_the_same_records_through_small_rings() {
+    let stream =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/captures/pc-postcopy.bin")).unwrap();
+    let whole = records_through_ring(&stream, stream.len() + 1, stream.len());
+    assert!(whole.len() > 8000, "{} records", whole.len());
+    for (cap, chunk) in [(513, 511), (4099, 4097), (9000, 77)] {
+        assert_eq!(records_through_ring(&stream, cap, chunk), whole, "ring {cap}, arrivals of {chunk}");
+    }
+}
