@@ -96,7 +96,7 @@ pub use flush::{Flush, Invalidate, Scope};
 pub use format::Format;
 pub use npt::{Npt, NptFlags};
 pub use pool::{FramePool, TablePage};
-pub use table::Stage2;
+pub use table::{Stage2, Walker};
 
 use bitflags::bitflags;
 

@@ -25,8 +25,10 @@ impl TablePage {
         Self([const { AtomicU64::new(0) }; ENTRIES])
     }
 
+    /// Loads one entry. Acquire: pairs with [`set`](Self::set), so a walker that follows a
+    /// freshly linked table sees it cleared.
     pub(crate) fn get(&self, index: usize) -> u64 {
-        self.0[index].load(Ordering::Relaxed)
+        self.0[index].load(Ordering::Acquire)
     }
 
     /// Stores one entry. Release: whatever was written before (a child table's entries) is
@@ -56,7 +58,7 @@ impl core::fmt::Debug for TablePage {
 
 /// Index of a table page in its pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct TableId(usize);
+pub(crate) struct TableId(pub(crate) usize);
 
 /// Table pages for one stage-2 tree, handed out in order and never returned (see the module
 /// documentation for why).
@@ -65,7 +67,10 @@ pub(crate) struct TableId(usize);
 /// the pool turns a table's index into the physical address the CPU follows, and an entry's
 /// address back into an index.
 pub struct FramePool<'a> {
-    pages: &'a mut [TablePage],
+    /// Borrowed exclusively at construction (no other pool can hand these pages out); kept
+    /// shared, because every access goes through the entries' atomics, so that read-only
+    /// [`Walker`](super::Walker)s can walk the same pages while the owner edits them.
+    pages: &'a [TablePage],
     base: u64,
     used: usize,
 }
@@ -146,6 +151,16 @@ impl<'a> FramePool<'a> {
 
     pub(crate) fn page(&self, id: TableId) -> &TablePage {
         &self.pages[id.0]
+    }
+
+    /// The whole slab, for walkers (tables not handed out yet are all not-present or never
+    /// reached: only published entries lead into the slab).
+    pub(crate) fn slab(&self) -> &'a [TablePage] {
+        self.pages
+    }
+
+    pub(crate) fn base(&self) -> u64 {
+        self.base
     }
 
     pub(crate) fn phys(&self, id: TableId) -> u64 {

@@ -37,6 +37,69 @@ impl Level {
     }
 }
 
+/// A read-only walker over a [`Stage2`] tree, for other contexts: it follows published entries
+/// with acquire loads, as the hardware walker does, and sees each entry either before or
+/// after an edit, never half-written. `Copy`, `Send` and `Sync`.
+pub struct Walker<'a, F: Format> {
+    pages: &'a [super::pool::TablePage],
+    base: u64,
+    root: usize,
+    _format: PhantomData<fn() -> F>,
+}
+
+impl<F: Format> Clone for Walker<'_, F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<F: Format> Copy for Walker<'_, F> {}
+
+impl<F: Format> core::fmt::Debug for Walker<'_, F> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Walker").field("format", &F::NAME).field("root", &self.root).finish()
+    }
+}
+
+impl<F: Format> Walker<'_, F> {
+    /// Where `gpa` leads (the leaf's frame plus the page offset, its permissions and size),
+    /// or `None` where the walk meets a not-present entry: an EPT violation / #NPF.
+    pub fn translate(&self, gpa: Gpa) -> Option<Translation> {
+        if gpa.0 >= GPA_LIMIT {
+            return None;
+        }
+        let mut table = self.root;
+        for level in [Level::Pml4, Level::Pdpt, Level::Pd, Level::Pt] {
+            let entry = self.pages.get(table)?.get(level.index(gpa.0));
+            if !F::is_present(entry) {
+                return None;
+            }
+            let size = match level {
+                Level::Pd if F::is_large(entry) => PageSize::Size2M,
+                Level::Pt => PageSize::Size4K,
+                _ => {
+                    table = self.table_at(F::frame_of(entry))?;
+                    continue;
+                }
+            };
+            let frame = align_down(F::frame_of(entry), size.bytes());
+            return Some(Translation {
+                hpa: Hpa(frame + gpa.0 % size.bytes()),
+                perms: F::perms_of(entry),
+                size,
+            });
+        }
+        None
+    }
+
+    /// The slab index of the table at physical address `pa`.
+    fn table_at(&self, pa: u64) -> Option<usize> {
+        let offset = pa.checked_sub(self.base)?;
+        (offset.is_multiple_of(PAGE_4K) && offset / PAGE_4K < self.pages.len() as u64)
+            .then_some((offset / PAGE_4K) as usize)
+    }
+}
+
 /// Where the walk towards a page directory stopped.
 enum PdLookup {
     Found(TableId),
@@ -210,25 +273,13 @@ impl<'a, F: Format> Stage2<'a, F> {
 
     /// Where `gpa` leads, as the CPU would walk it (permissions of the leaf).
     pub fn translate(&self, gpa: Gpa) -> Option<Translation> {
-        if gpa.0 >= GPA_LIMIT {
-            return None;
-        }
-        let PdLookup::Found(pd) = self.lookup_pd(gpa.0).ok()? else {
-            return None;
-        };
-        let (entry, size) = match self.pd_entry(pd, gpa.0).ok()? {
-            PdEntry::Empty => return None,
-            PdEntry::Leaf2M(entry) => (entry, PageSize::Size2M),
-            PdEntry::Table(pt) => {
-                let entry = self.pool.page(pt).get(Level::Pt.index(gpa.0));
-                if !F::is_present(entry) {
-                    return None;
-                }
-                (entry, PageSize::Size4K)
-            }
-        };
-        let frame = align_down(F::frame_of(entry), size.bytes());
-        Some(Translation { hpa: Hpa(frame + gpa.0 % size.bytes()), perms: F::perms_of(entry), size })
+        self.walker().translate(gpa)
+    }
+
+    /// A read-only view of this tree that other contexts can use while it is edited (a
+    /// simulated vCPU walking it as the hardware would, an exit handler decoding a fault).
+    pub fn walker(&self) -> Walker<'a, F> {
+        Walker { pages: self.pool.slab(), base: self.pool.base(), root: self.root.0, _format: PhantomData }
     }
 
     fn token(&self, changed: bool) -> Flush<F> {

@@ -272,4 +272,43 @@ fn dropping_a_token_panics_in_debug_builds() {
     let _forgotten = s2.map_4k(Gpa(0), Hpa(0), Perms::RWX).unwrap();
 }
 
+/// A walker in another thread, walking while the owner maps and unmaps: every translation
+/// it sees is either absent or exactly the one the owner made, never a torn or foreign one.
+#[test]
+fn a_walker_in_another_thread_sees_whole_entries_only() {
+    let mut pages = slab(32);
+    let mut table = Stage2::<Ept>::new(FramePool::new(&mut pages, Hpa(1 << 40)).unwrap()).unwrap();
+    let walker = table.walker();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let hpa = |page: u64| Hpa((1 << 33) + page * PAGE_4K);
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut seen = 0;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                for page in (0..4096u64).step_by(97) {
+                    if let Some(t) = walker.translate(Gpa(page * PAGE_4K + 8)) {
+                        assert_eq!(t.hpa, Hpa(hpa(page).0 + 8));
+                        assert_eq!(t.size, PageSize::Size4K);
+                        seen += 1;
+                    }
+                }
+            }
+            seen
+        });
+        let mut count = CountingInvalidate::default();
+        for round in 0..4 {
+            for page in 0..4096u64 {
+                table.map_4k(Gpa(page * PAGE_4K), hpa(page), Perms::RWX).unwrap().flush(&mut count);
+            }
+            if round < 3 {
+                table.unmap_range(Gpa(0), 4096 * PAGE_4K).unwrap().flush(&mut count);
+            }
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+        reader.join().unwrap();
+    });
+    assert_eq!(walker.translate(Gpa(5 * PAGE_4K)), table.translate(Gpa(5 * PAGE_4K)));
+    assert!(walker.translate(Gpa(5 * PAGE_4K)).is_some());
+}
+
 mod model;

@@ -1,13 +1,17 @@
-//! The agent's ports over host memory: guest RAM frames in host `Vec`s, behind a real EPT or
-//! NPT table (`hal::stage2`, the code the hypervisor runs) that the simulated vCPUs walk on
-//! every access, and a wake-up token per vCPU.
+//! The agent's ports over host memory: guest RAM frames in host memory, behind a real EPT or
+//! NPT table (`hal::stage2`, the code the hypervisor runs) that the stream context edits in
+//! place while the simulated vCPUs walk it on every access, lock-free, as the hardware
+//! would; and a wake-up token per vCPU.
 
 use std::io::Write;
-use std::sync::{Condvar, Mutex, OnceLock, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
 
 use crate::baseline::sys::Mapping;
 use agent::ports::{DeviceStateSink, GuestMemory, PageWaiters, Refused, ReturnPath, SendFailed, Stage2};
-use hal::stage2::{Flush, Format, FramePool, Gpa, Hpa, Invalidate, Perms, Scope, TablePage, Translation};
+use hal::stage2::{
+    Flush, Format, FramePool, Gpa, Hpa, Invalidate, Perms, Scope, TablePage, Translation, Walker,
+};
 
 /// Host "physical" address of the first guest frame; blocks follow, each 2 MiB aligned.
 const FRAMES_BASE: u64 = 1 << 30;
@@ -15,96 +19,107 @@ const FRAMES_BASE: u64 = 1 << 30;
 const TABLES_BASE: u64 = 1 << 40;
 const TWO_MIB: u64 = 2 << 20;
 
-/// The stage-2 table shared by the stream context (edits) and the vCPUs (walks).
+/// What the vCPUs share of the stage-2 table: a lock-free walker (the stream context owns
+/// the table itself and edits it in place, through the entries' atomics, as the hypervisor
+/// does while the hardware walks), and counters.
 #[derive(Debug)]
 pub struct SharedTable<F: Format> {
-    table: OnceLock<RwLock<hal::stage2::Stage2<'static, F>>>,
+    walker: OnceLock<Walker<'static, F>>,
     /// Bytes of guest frames declared so far (sizes the table pool).
-    frames: std::sync::atomic::AtomicU64,
-    invalidations: Mutex<u64>,
+    frames: AtomicU64,
+    invalidations: AtomicU64,
 }
 
 impl<F: Format> Default for SharedTable<F> {
     fn default() -> Self {
-        Self { table: OnceLock::new(), frames: Default::default(), invalidations: Mutex::new(0) }
+        Self { walker: OnceLock::new(), frames: AtomicU64::new(0), invalidations: AtomicU64::new(0) }
     }
 }
 
 impl<F: Format> SharedTable<F> {
     /// A vCPU's access: walk the table. `None` is an EPT violation / #NPF.
     pub fn translate(&self, gpa: u64) -> Option<Translation> {
-        self.table.get()?.read().expect("stage-2 lock").translate(Gpa(gpa))
+        self.walker.get()?.translate(Gpa(gpa))
     }
 
     /// Invalidations the edits asked for (one per discard command that unmapped something).
     pub fn invalidations(&self) -> u64 {
-        *self.invalidations.lock().expect("invalidation count")
+        self.invalidations.load(Ordering::Relaxed)
     }
 
-    /// The table, built on first use: by then every block is declared, so the pool is sized
-    /// for all of guest RAM mapped with 4 KiB pages.
-    fn table(&self) -> &RwLock<hal::stage2::Stage2<'static, F>> {
-        self.table.get_or_init(|| {
-            let ram = self.frames.load(std::sync::atomic::Ordering::Acquire);
-            // One page table per 2 MiB, plus the upper levels of up to 8 regions.
-            let tables = (ram / TWO_MIB) as usize + 64;
-            // One process, one table: the slab lives as long as the process.
-            let slab: &'static mut [TablePage] = Vec::from_iter((0..tables).map(|_| TablePage::new())).leak();
-            let pool = FramePool::new(slab, Hpa(TABLES_BASE)).expect("table pool");
-            RwLock::new(hal::stage2::Stage2::new(pool).expect("stage-2 root"))
-        })
+    /// A new table, sized for all the guest RAM declared so far mapped with 4 KiB pages, its
+    /// walker published for the vCPUs.
+    fn build(&self) -> hal::stage2::Stage2<'static, F> {
+        let ram = self.frames.load(Ordering::Acquire);
+        // One page table per 2 MiB, plus the upper levels of up to 8 regions.
+        let tables = (ram / TWO_MIB) as usize + 64;
+        // One process, one table: the slab lives as long as the process.
+        let slab: &'static mut [TablePage] = Vec::from_iter((0..tables).map(|_| TablePage::new())).leak();
+        let pool = FramePool::new(slab, Hpa(TABLES_BASE)).expect("table pool");
+        let table = hal::stage2::Stage2::new(pool).expect("stage-2 root");
+        let _ = self.walker.set(table.walker());
+        table
     }
 }
 
 /// Counts the invalidations tokens ask for. The simulated vCPUs keep no TLB (they walk the
 /// table on every access), so counting is all a flush has to do here.
-struct CountInvalidations<'a>(&'a Mutex<u64>);
+struct CountInvalidations<'a>(&'a AtomicU64);
 
 impl<F: Format> Invalidate<F> for CountInvalidations<'_> {
     fn invalidate(&mut self, _scope: Scope) {
-        *self.0.lock().expect("invalidation count") += 1;
+        self.0.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-/// One wake-up token per vCPU (the agent may release a vCPU before it sleeps).
+/// One wake-up token per vCPU (the agent may release a vCPU before it sleeps). A release
+/// that finds its vCPU awake only sets the token; the lock and the condition variable are for
+/// vCPUs that actually sleep.
 #[derive(Debug)]
 pub struct Wakeups {
     /// (token, sleeping) per vCPU.
-    state: Mutex<Vec<(bool, bool)>>,
+    slots: Vec<(AtomicBool, AtomicBool)>,
+    lock: Mutex<()>,
     woken: Condvar,
 }
 
 impl Wakeups {
     /// Tokens for `vcpus` vCPUs.
     pub fn new(vcpus: usize) -> Self {
-        Self { state: Mutex::new(vec![(false, false); vcpus]), woken: Condvar::new() }
+        let slots = (0..vcpus).map(|_| (AtomicBool::new(false), AtomicBool::new(false))).collect();
+        Self { slots, lock: Mutex::new(()), woken: Condvar::new() }
     }
 
     /// Parks vCPU `v` until its token is set (consuming it), or `give_up()`.
+    ///
+    /// The vCPU announces that it sleeps, then checks the token, both `SeqCst`; a release sets
+    /// the token, then checks whether the vCPU sleeps. One of the two sees the other, and the
+    /// vCPU holds the lock from its announcement until it waits, so a notify cannot slip in
+    /// between. (The wait also times out, so `give_up` is polled.)
     pub fn park(&self, v: usize, give_up: impl Fn() -> bool) -> bool {
-        let mut state = self.state.lock().expect("wake tokens");
+        let Some((token, sleeping)) = self.slots.get(v) else { return false };
         loop {
-            if std::mem::take(&mut state[v].0) {
-                state[v].1 = false;
+            if token.swap(false, Ordering::SeqCst) {
                 return true;
             }
             if give_up() {
-                state[v].1 = false;
                 return false;
             }
-            state[v].1 = true;
-            let timeout = std::time::Duration::from_millis(50);
-            state = self.woken.wait_timeout(state, timeout).expect("wake tokens").0;
+            let guard = self.lock.lock().expect("wake lock");
+            sleeping.store(true, Ordering::SeqCst);
+            if !token.load(Ordering::SeqCst) {
+                let timeout = std::time::Duration::from_millis(50);
+                drop(self.woken.wait_timeout(guard, timeout).expect("wake lock"));
+            }
+            sleeping.store(false, Ordering::SeqCst);
         }
     }
 
     fn release(&self, v: usize) {
-        let mut state = self.state.lock().expect("wake tokens");
-        let Some(slot) = state.get_mut(v) else { return };
-        slot.0 = true;
-        // Wake sleepers only: a vCPU that has not gone to sleep finds its token.
-        if slot.1 {
-            drop(state);
+        let Some((token, sleeping)) = self.slots.get(v) else { return };
+        token.store(true, Ordering::SeqCst);
+        if sleeping.load(Ordering::SeqCst) {
+            drop(self.lock.lock().expect("wake lock"));
             self.woken.notify_all();
         }
     }
@@ -138,7 +153,9 @@ pub struct HostPorts<'s, F: Format> {
     pub blocks: Vec<GuestRam>,
     /// Device state, kept for `--dump-dir`.
     pub device_state: Vec<u8>,
-    table: &'s SharedTable<F>,
+    shared: &'s SharedTable<F>,
+    /// The table, built at the first edit (by then every block is declared).
+    table: Option<hal::stage2::Stage2<'static, F>>,
     wakeups: &'s Wakeups,
     /// Unmaps of the current discard command, flushed together.
     pending: Option<Flush<F>>,
@@ -152,7 +169,8 @@ impl<'s, F: Format> HostPorts<'s, F> {
         Self {
             blocks: Vec::new(),
             device_state: Vec::new(),
-            table,
+            shared: table,
+            table: None,
             wakeups,
             pending: None,
             bases: Vec::new(),
@@ -179,9 +197,9 @@ impl<F: Format> GuestMemory for HostPorts<'_, F> {
         // Best effort: without THP the frames are still correct, only slower to fault in.
         let _ = ram.madvise(0, ram.len(), libc::MADV_HUGEPAGE);
         self.blocks.push(GuestRam { name: name.to_vec(), ram, len: bytes });
-        let base = FRAMES_BASE + self.table.frames.load(std::sync::atomic::Ordering::Acquire);
+        let base = FRAMES_BASE + self.shared.frames.load(Ordering::Acquire);
         self.bases.push(base);
-        self.table.frames.fetch_add(len.next_multiple_of(TWO_MIB), std::sync::atomic::Ordering::AcqRel);
+        self.shared.frames.fetch_add(len.next_multiple_of(TWO_MIB), Ordering::AcqRel);
         Ok(())
     }
 
@@ -198,18 +216,23 @@ impl<F: Format> GuestMemory for HostPorts<'_, F> {
     }
 }
 
+impl<F: Format> HostPorts<'_, F> {
+    fn table(&mut self) -> &mut hal::stage2::Stage2<'static, F> {
+        let shared = self.shared;
+        self.table.get_or_insert_with(|| shared.build())
+    }
+}
+
 impl<F: Format> Stage2 for HostPorts<'_, F> {
     fn map(&mut self, gpa: u64, block: usize, offset: u64) {
-        let table = self.table.table();
-        let base = self.bases[block];
-        let flush = table.write().expect("stage-2 lock").map_4k(Gpa(gpa), Hpa(base + offset), Perms::RWX);
+        let hpa = Hpa(self.bases[block] + offset);
+        let flush = self.table().map_4k(Gpa(gpa), hpa, Perms::RWX);
         // Mapping a not-present entry needs no invalidation; the token says so.
-        flush.expect("map a received page").flush(&mut CountInvalidations(&self.table.invalidations));
+        flush.expect("map a received page").flush(&mut CountInvalidations(&self.shared.invalidations));
     }
 
     fn unmap(&mut self, gpa: u64, len: u64) {
-        let flush = self.table.table().write().expect("stage-2 lock").unmap_range(Gpa(gpa), len);
-        let flush = flush.expect("unmap a discarded range");
+        let flush = self.table().unmap_range(Gpa(gpa), len).expect("unmap a discarded range");
         self.pending = Some(match self.pending.take() {
             Some(p) => p.merge(flush),
             None => flush,
@@ -218,7 +241,7 @@ impl<F: Format> Stage2 for HostPorts<'_, F> {
 
     fn flush(&mut self) {
         if let Some(p) = self.pending.take() {
-            p.flush(&mut CountInvalidations(&self.table.invalidations));
+            p.flush(&mut CountInvalidations(&self.shared.invalidations));
         }
     }
 }
