@@ -113,6 +113,17 @@ fn commands_in_the_wrong_state() {
 }
 
 #[test]
+fn setup_sections_after_listen() {
+    // A second block list, or main-stream device state, once pages may be placed live.
+    let mut s = setup();
+    s.command(Command::Listen).ram_start(3, &[(b"pc.ram", 0x10000)]);
+    check(&s.bytes, Field::SectionType, Defect::WrongState { state: State::Listening });
+    let mut s = setup();
+    s.command(Command::Listen).device(9, b"cpu", &[0; 8]);
+    check(&s.bytes, Field::SectionType, Defect::WrongState { state: State::Listening });
+}
+
+#[test]
 fn ping_without_return_path() {
     let mut s = StreamBuilder::new();
     s.header().command(Command::Ping(1));

@@ -202,9 +202,10 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
     fn handle(&mut self, record: Record<'_>, at: u64) -> Handled {
         let err = |field, defect| Err(Error::new(at, field, defect));
         match record {
-            Record::Header | Record::Footer | Record::RamStart { .. } | Record::RamPart { .. } => {
-                self.check_setup_state(record, at)
-            }
+            Record::Header | Record::Footer | Record::RamPart { .. } => Ok(()),
+            // A block list, or device state in the main stream, belongs to the setup or to a
+            // precopy completion: after LISTEN it is a wrong stream.
+            Record::RamStart { .. } | Record::DeviceSection(_) => self.before_listen(at),
             Record::Configuration(machine) => {
                 if self.config.machine.is_some_and(|m| m != machine) {
                     return err(Field::MachineName, Defect::Mismatch);
@@ -242,12 +243,6 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
                 self.page_data(data);
                 Ok(())
             }
-            Record::DeviceSection(_) => {
-                if matches!(self.shared.state.get(), State::Listening | State::Running) {
-                    return err(Field::SectionType, Defect::WrongState { state: self.shared.state.get() });
-                }
-                Ok(())
-            }
             Record::DeviceData(bytes) => {
                 self.stats.device_state_bytes += bytes.len() as u64;
                 self.ports.device_state(bytes);
@@ -272,13 +267,14 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
         }
     }
 
-    /// Section headers need no action; a START (block list) after LISTEN is refused.
-    fn check_setup_state(&self, record: Record<'_>, at: u64) -> Handled {
-        let state = self.shared.state.get();
-        if matches!(record, Record::RamStart { .. }) && matches!(state, State::Listening | State::Running) {
-            return Err(Error::new(at, Field::SectionType, Defect::WrongState { state }));
+    /// Refuses a section that may only come before LISTEN.
+    fn before_listen(&self, at: u64) -> Handled {
+        match self.shared.state.get() {
+            state @ (State::Listening | State::Running) => {
+                Err(Error::new(at, Field::SectionType, Defect::WrongState { state }))
+            }
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     fn command(&mut self, cmd: Command<'_>, at: u64) -> Handled {
