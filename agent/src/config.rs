@@ -15,7 +15,9 @@ pub const HOST_PAGE_SIZE: u64 = 4096;
 /// Largest record header that may have to be stitched together when it is split across the
 /// ring's end: a SECTION_START header is 1+4+1+255+4+4 = 269 bytes, a RAM record word with an
 /// idstr 8+1+255 = 264, a RAM_DISCARD header 5+3+255+1 = 264. Payloads (pages, device state,
-/// VMDESCRIPTION) never go through it: they are handed out as slices of the ring.
+/// VMDESCRIPTION) never go through it: they are handed out as slices of the ring. A header
+/// that claims more is refused (`Field::RecordHeader`), so a receive ring of at least this
+/// size always makes progress.
 pub const BOUNCE_CAPACITY: usize = 512;
 
 /// Guest RAM the page bitmaps cover is set by the caller's storage, not here: `Shared::new`

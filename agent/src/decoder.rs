@@ -249,12 +249,14 @@ impl<'a> Input<'a> {
             Parsed::Done(v, n) => return Ok(Some((v, n))),
             Parsed::Need(n) => n,
         };
-        if self.second.is_empty() || need > self.total() {
-            return Ok(None);
-        }
+        // Every record header fits the bounce buffer by construction; one that claims more
+        // is refused at once: waiting for it could stall a ring smaller than the claim.
         if need > BOUNCE_CAPACITY {
             let len = need as u64;
-            return Err((Field::SectionType, Defect::TooLong { len, cap: BOUNCE_CAPACITY as u64 }));
+            return Err((Field::RecordHeader, Defect::TooLong { len, cap: BOUNCE_CAPACITY as u64 }));
+        }
+        if self.second.is_empty() || need > self.total() {
+            return Ok(None);
         }
         let from_first = self.first.len();
         let n = self.total().min(BOUNCE_CAPACITY);

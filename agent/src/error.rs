@@ -11,6 +11,8 @@ pub enum Field {
     Version,
     /// The top-level section type byte.
     SectionType,
+    /// A record header as a whole (its announced length).
+    RecordHeader,
     /// CONFIGURATION machine-type name.
     MachineName,
     /// CONFIGURATION subsection (name, version or fields).

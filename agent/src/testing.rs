@@ -182,6 +182,12 @@ pub fn feed_through_ring<R: ReturnPath>(
         if progress.finished || (written == stream.len() && progress.consumed == 0 && n == 0) {
             return Ok(Progress { consumed, finished: progress.finished });
         }
+        // A full ring the engine takes nothing from would never drain: a decoder liveness
+        // bug (a record that can never fit), not a property of the stream.
+        assert!(
+            !(len == capacity && progress.consumed == 0),
+            "decoder stalled on a full ring of {capacity} bytes"
+        );
     }
 }
 

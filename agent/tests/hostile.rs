@@ -82,6 +82,15 @@ fn unknown_record_types() {
 }
 
 #[test]
+fn a_record_longer_than_any_ring_is_refused_not_awaited() {
+    // RECV_BITMAP announcing 60,000 payload bytes: a destination waiting for them would stall
+    // a receive ring smaller than that forever (found by the fuzzer).
+    let mut s = setup();
+    s.raw(&[0x08, 0, 10, 0xea, 0x60]).raw(&[3; 600]);
+    check(&s.bytes, Field::CommandLength, Defect::BadValue { found: 60000, expected: 256 });
+}
+
+#[test]
 fn wrong_fixed_lengths() {
     let mut s = setup();
     s.raw(&[0x08, 0, 2, 0, 5, 0, 0, 0, 1, 0]);

@@ -225,6 +225,8 @@ impl<'a> Command<'a> {
                 (Dialect::Qemu72, 0) | (_, 16) => {}
                 _ => return Err(bad_len(len, 16)),
             },
+            // `u8 L` + L name bytes: at most 256.
+            CommandId::RecvBitmap if len > 256 => return Err(bad_len(len, 256)),
             CommandId::RecvBitmap => {}
         }
         let end = CommandHeader::LEN + usize::from(len);
