@@ -154,6 +154,50 @@ pub fn bitmap(bytes: u64) -> Vec<AtomicU64> {
     (0..bytes.div_ceil(64 * TARGET_PAGE_SIZE)).map(|_| AtomicU64::new(0)).collect()
 }
 
+/// A receive ring for tests: bytes arrive a chunk at a time into its free space, wrapping;
+/// the reader sees them as up to two slices and consumes from the front.
+#[derive(Debug)]
+pub struct TestRing {
+    buf: Vec<u8>,
+    head: usize,
+    len: usize,
+}
+
+impl TestRing {
+    /// An empty ring of `capacity` bytes.
+    pub fn new(capacity: usize) -> Self {
+        Self { buf: std::vec![0; capacity], head: 0, len: 0 }
+    }
+
+    /// Copies up to `chunk` bytes of `bytes` into the free space; returns how many.
+    pub fn arrive(&mut self, bytes: &[u8], chunk: usize) -> usize {
+        let capacity = self.buf.len();
+        let n = chunk.min(capacity - self.len).min(bytes.len());
+        for (i, &b) in bytes[..n].iter().enumerate() {
+            self.buf[(self.head + self.len + i) % capacity] = b;
+        }
+        self.len += n;
+        n
+    }
+
+    /// The readable bytes: up to the ring's end, then from its start.
+    pub fn readable(&self) -> (&[u8], &[u8]) {
+        let first_len = self.len.min(self.buf.len() - self.head);
+        (&self.buf[self.head..self.head + first_len], &self.buf[..self.len - first_len])
+    }
+
+    /// Drops `n` bytes from the front.
+    pub fn consume(&mut self, n: usize) {
+        self.head = (self.head + n) % self.buf.len();
+        self.len -= n;
+    }
+
+    /// Whether no byte can arrive.
+    pub fn is_full(&self) -> bool {
+        self.len == self.buf.len()
+    }
+}
+
 /// Feeds `stream` to `engine` through a ring of `capacity` bytes, writing at most `chunk`
 /// bytes per arrival, so records split at every ring wrap and partial arrival. Stops when
 /// the migration finishes or the stream is used up (without signalling end of input).
@@ -163,21 +207,14 @@ pub fn feed_through_ring<R: ReturnPath>(
     capacity: usize,
     chunk: usize,
 ) -> Result<Progress, Error> {
-    let mut ring = std::vec![0u8; capacity];
-    let (mut head, mut len, mut written, mut consumed) = (0usize, 0usize, 0usize, 0usize);
+    let mut ring = TestRing::new(capacity);
+    let (mut written, mut consumed) = (0usize, 0usize);
     loop {
-        // Arrival: copy up to `chunk` bytes into the free space, wrapping.
-        let n = chunk.min(capacity - len).min(stream.len() - written);
-        for i in 0..n {
-            ring[(head + len + i) % capacity] = stream[written + i];
-        }
-        len += n;
+        let n = ring.arrive(&stream[written..], chunk);
         written += n;
-        let first_len = len.min(capacity - head);
-        let (first, second) = (&ring[head..head + first_len], &ring[..len - first_len]);
+        let (first, second) = ring.readable();
         let progress = engine.receive(first, second)?;
-        head = (head + progress.consumed) % capacity;
-        len -= progress.consumed;
+        ring.consume(progress.consumed);
         consumed += progress.consumed;
         if progress.finished || (written == stream.len() && progress.consumed == 0 && n == 0) {
             return Ok(Progress { consumed, finished: progress.finished });
@@ -185,7 +222,7 @@ pub fn feed_through_ring<R: ReturnPath>(
         // A full ring the engine takes nothing from would never drain: a decoder liveness
         // bug (a record that can never fit), not a property of the stream.
         assert!(
-            !(len == capacity && progress.consumed == 0),
+            !(ring.is_full() && progress.consumed == 0),
             "decoder stalled on a full ring of {capacity} bytes"
         );
     }

@@ -2,7 +2,7 @@
 //! back to itself; a valid stream decodes the same however the ring splits it.
 
 use agent::config::TARGET_PAGE_SIZE;
-use agent::testing::{postcopy_stream, run_stream, StreamBuilder};
+use agent::testing::{postcopy_stream, run_stream, StreamBuilder, TestRing};
 use agent::wire::command::{Advise, Command, Dialect};
 use agent::wire::discard::{DiscardHeader, DiscardMask, DiscardRange};
 use agent::wire::header::{ConfigSubsection, Configuration};
@@ -190,22 +190,17 @@ fn builder_streams_are_what_the_spec_shows() {
 fn records_through_ring(stream: &[u8], capacity: usize, chunk: usize) -> Vec<String> {
     use agent::decoder::{Decoder, Record, Step};
     let mut decoder = Decoder::new(Dialect::Qemu72);
-    let mut ring = vec![0u8; capacity];
-    let (mut head, mut len, mut written) = (0usize, 0usize, 0usize);
+    let mut ring = TestRing::new(capacity);
+    let mut written = 0;
     let mut out: Vec<String> = Vec::new();
     let mut payload: Option<(&'static str, Vec<u8>)> = None;
     loop {
-        let n = chunk.min(capacity - len).min(stream.len() - written);
-        for i in 0..n {
-            ring[(head + len + i) % capacity] = stream[written + i];
-        }
-        len += n;
+        let n = ring.arrive(&stream[written..], chunk);
         written += n;
         let mut progressed = false;
         loop {
-            let first_len = len.min(capacity - head);
-            let step =
-                decoder.next(&ring[head..head + first_len], &ring[..len - first_len]).expect("valid stream");
+            let (first, second) = ring.readable();
+            let step = decoder.next(first, second).expect("valid stream");
             let Step::Record { record, len: used, .. } = step else { break };
             progressed = true;
             let piece = match record {
@@ -230,8 +225,7 @@ fn records_through_ring(stream: &[u8], capacity: usize, chunk: usize) -> Vec<Str
                     out.push(format!("{record:?}"));
                 }
             }
-            head = (head + used) % capacity;
-            len -= used;
+            ring.consume(used);
         }
         if written == stream.len() && !progressed && n == 0 {
             if let Some((k, buf)) = payload.take() {
