@@ -245,51 +245,41 @@ fn ingest_table(capture: &PathBuf, machine_args: Option<&[String]>, skip_qemu: b
         (Some(a), Some(b)) => format!("range {:.0}-{:.0} ms", ms(*a), ms(*b)),
         _ => "no run".into(),
     };
+    let row = |label: &str, d: Duration| {
+        println!("| {label} | {:.0} ms | {:.0} |", ms(d), ingest::mb_per_s(bytes, d))
+    };
     println!("| path | time | MB/s |");
     println!("|---|---|---|");
-    println!(
-        "| ours: decode + place in-process into touched frames, EPT (median of 3; {pages} pages) | {:.0} ms | {:.0} |",
-        ms(ours),
-        ingest::mb_per_s(bytes, ours)
+    row(
+        &format!("ours: decode + place in-process into touched frames, EPT (median of 3; {pages} pages)"),
+        ours,
     );
-    println!(
-        "| ours: the same into fresh frames (THP faults inside) | {:.0} ms | {:.0} |",
-        ms(ours_fresh),
-        ingest::mb_per_s(bytes, ours_fresh)
-    );
+    row("ours: the same into fresh frames (THP faults inside)", ours_fresh);
     if let Some((d, wall)) = dest_median {
         let seconds: Vec<Duration> = dest.iter().map(|x| x.0).collect();
-        println!(
-            "| ours: `postcopy-dest --input`, file opened → migration complete (its summary's `seconds`), median of {} ({}) | {:.0} ms | {:.0} |",
-            dest.len(),
-            range(&seconds),
-            ms(d),
-            ingest::mb_per_s(bytes, d)
+        row(
+            &format!(
+                "ours: `postcopy-dest --input`, file opened → migration complete (its summary's `seconds`), median of {} ({})",
+                dest.len(),
+                range(&seconds)
+            ),
+            d,
         );
-        println!(
-            "| ours: `postcopy-dest --input`, whole process (start-up, tear-down of 1 GiB) | {:.0} ms | {:.0} |",
-            ms(wall),
-            ingest::mb_per_s(bytes, wall)
-        );
+        row("ours: `postcopy-dest --input`, whole process (with start-up and the tear-down of guest memory)", wall);
     }
-    println!(
-        "| memcpy of the same bytes into fresh memory (allocated like the guest frames: THP), median of {RUNS} ({}) | {:.0} ms | {:.0} |",
-        range(&colds),
-        ms(cold),
-        ingest::mb_per_s(bytes, cold)
+    row(
+        &format!("memcpy of the same bytes into fresh memory (allocated like the guest frames: THP), median of {RUNS} ({})", range(&colds)),
+        cold,
     );
-    println!(
-        "| memcpy into the same memory, already touched | {:.0} ms | {:.0} |",
-        ms(warm),
-        ingest::mb_per_s(bytes, warm)
-    );
+    row("memcpy into the same memory, already touched", warm);
     if let Some(l) = load_median {
-        println!(
-            "| QEMU 7.2 `-incoming` load (exec:cat), median of {} ({}), alternating with ours | {:.0} ms | {:.0} |",
-            loads.len(),
-            range(&loads),
-            ms(l),
-            ingest::mb_per_s(bytes, l)
+        row(
+            &format!(
+                "QEMU 7.2 `-incoming` load (exec:cat), median of {} ({}), alternating with ours",
+                loads.len(),
+                range(&loads)
+            ),
+            l,
         );
     }
     if let Some(e) = qemu_error {
