@@ -265,7 +265,10 @@ fn ingest_table(capture: &PathBuf, machine_args: Option<&[String]>, skip_qemu: b
             ),
             d,
         );
-        row("ours: `postcopy-dest --input`, whole process (with start-up and the tear-down of guest memory)", wall);
+        row(
+            "ours: `postcopy-dest --input`, whole process (with start-up and the tear-down of guest memory)",
+            wall,
+        );
     }
     row(
         &format!("memcpy of the same bytes into fresh memory (allocated like the guest frames: THP), median of {RUNS} ({})", range(&colds)),
