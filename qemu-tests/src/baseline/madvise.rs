@@ -20,7 +20,8 @@
 use std::time::{Duration, Instant};
 
 use super::stats;
-use super::sys::{Mapping, PAGE};
+use super::sys::PAGE;
+use crate::hosted::mem::Mapping;
 use crate::{bail, Error, Result};
 
 /// Repetitions [`dontneed_cost`] takes the median of.

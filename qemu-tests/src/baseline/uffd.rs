@@ -21,7 +21,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::sys::{self, Mapping, UffdioApi, UffdioCopy, UffdioRegister, PAGE};
+use super::sys::{self, UffdioApi, UffdioCopy, UffdioRegister, PAGE};
+use crate::hosted::mem::Mapping;
 use crate::{bail, Error, Result};
 
 /// Round trips done before the measured ones (first-use costs: page-table pages,

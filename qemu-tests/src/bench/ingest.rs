@@ -8,7 +8,7 @@ use agent::postcopy::{Engine, EngineConfig, Shared};
 use hal::stage2::Ept;
 
 use super::fault::BufferReturnPath;
-use crate::baseline::sys::Mapping;
+use crate::hosted::mem::Mapping;
 use crate::hosted::ports::{HostPorts, SharedTable, Wakeups};
 
 /// The receive ring's size in the hosted destination: the stream is handed to the engine in

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 
-use crate::baseline::sys::Mapping;
+use crate::hosted::mem::Mapping;
 use agent::ports::{DeviceStateSink, GuestMemory, PageWaiters, Refused, ReturnPath, SendFailed, Stage2};
 use hal::stage2::{
     Flush, Format, FramePool, Gpa, Hpa, Invalidate, Perms, Scope, TablePage, Translation, Walker,
