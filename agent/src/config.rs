@@ -34,14 +34,19 @@ pub const MAX_ITERATIVE_SECTIONS: usize = 4;
 pub const MAX_VCPUS: usize = 64;
 // The set of vCPUs that may be parked is one 64-bit word.
 const _: () = assert!(MAX_VCPUS <= 64);
-/// Regions of the guest-physical map (pc/q35 use at most 4).
-pub const MAX_GPA_REGIONS: usize = 8;
+/// Regions of the guest-physical map: pc/q35 use at most 4, a flat machine one per block.
+pub const MAX_GPA_REGIONS: usize = MAX_BLOCKS;
 /// Largest machine-type name accepted in CONFIGURATION ("pc-i440fx-7.2" is 13 bytes).
 pub const MAX_MACHINE_NAME: usize = 64;
 /// Largest PACKAGED blob accepted. QEMU 7.2 allows up to `u32::MAX`; observed blobs are
 /// 201 bytes (`-machine none`) to 32,530 bytes (q35). 16 MiB leaves room for large device
 /// state (many vCPUs, VGA) while bounding what a hostile stream can make us wait for.
 pub const MAX_PACKAGED_LEN: u32 = 16 << 20;
+/// Largest amount of opaque device state accepted over the whole stream (the PACKAGED
+/// blob's FULL records, or those of a precopy completion): the sink keeps it for the
+/// devices. Observed: 201 bytes (`-machine none`) to about 32 KiB (q35). More is refused
+/// (`Field::DeviceState`, `Defect::TooLong`).
+pub const MAX_DEVICE_STATE_LEN: u64 = 16 << 20;
 /// Largest VMDESCRIPTION JSON accepted (q35: 43,642 bytes).
 pub const MAX_VMDESCRIPTION_LEN: u32 = 16 << 20;
 /// Largest return-path message payload the 7.2 source accepts; anything larger kills the

@@ -480,6 +480,11 @@ impl Cx<'_> {
                 let Some((h, n)) = r else { return Ok(None) };
                 match (h.start, h.idstr == RAM_IDSTR) {
                     (true, true) => {
+                        // Only instance 0 of `ram` exists (QEMU refuses any other).
+                        if h.instance_id != 0 {
+                            let found = h.instance_id.into();
+                            return Err((Field::SectionInstance, Defect::BadValue { found, expected: 0 }));
+                        }
                         if h.version_id != RAM_VERSION {
                             let (found, expected) = (h.version_id.into(), RAM_VERSION.into());
                             return Err((Field::SectionVersion, Defect::BadValue { found, expected }));

@@ -23,6 +23,8 @@ pub enum Field {
     SectionId,
     /// Section version_id.
     SectionVersion,
+    /// Section instance_id.
+    SectionInstance,
     /// Section footer (mark or id).
     SectionFooter,
     /// Command number.
@@ -55,6 +57,9 @@ pub enum Field {
     VmDescription,
     /// Opaque device state (FULL records).
     DeviceState,
+    /// The guest-physical map the block list lays out (a region past its limit, or two
+    /// regions that overlap).
+    GuestPhysicalMap,
     /// The stream ended.
     EndOfStream,
     /// A return-path message.
@@ -97,7 +102,8 @@ pub enum Defect {
         /// Required alignment.
         align: u64,
     },
-    /// `[start, start+len)` is not inside the block of length `limit`.
+    /// `[start, start+len)` does not end at or below `limit` (a block's length, or the top of
+    /// the guest-physical window a region must fit in).
     OutOfRange {
         /// Start of the offending range.
         start: u64,
@@ -125,6 +131,25 @@ pub enum Defect {
     ReturnPathFailed,
     /// Guest memory refused the block layout (hypervisor: a block it does not emulate).
     MemoryRefused,
+    /// The guest-physical range `[start, start+len)` overlaps the one at `other`.
+    Overlaps {
+        /// Start of the region that does not fit.
+        start: u64,
+        /// Its length.
+        len: u64,
+        /// Start of the region it overlaps.
+        other: u64,
+    },
+    /// The migration ended with pages of a block that never arrived (discarded and not sent
+    /// again, or never sent): the guest's memory would have holes.
+    PagesMissing {
+        /// Index of the block in the MEM_SIZE list.
+        block: usize,
+        /// How many of its pages are missing.
+        missing: u64,
+        /// Byte offset in the block of the first missing page.
+        first: u64,
+    },
 }
 
 /// A protocol error: where in the stream, which field, what is wrong.
@@ -161,7 +186,7 @@ impl fmt::Display for Error {
                 write!(f, "{value:#x} is not aligned to {align:#x}")
             }
             Defect::OutOfRange { start, len, limit } => {
-                write!(f, "range [{start:#x}, +{len:#x}) is outside the block of {limit:#x} bytes")
+                write!(f, "range [{start:#x}, +{len:#x}) does not end at or below {limit:#x}")
             }
             Defect::WrongState { state } => write!(f, "not allowed in postcopy state {state:?}"),
             Defect::Mismatch => write!(f, "does not match this destination"),
@@ -171,6 +196,12 @@ impl fmt::Display for Error {
             Defect::Unsupported => write!(f, "not supported by this destination"),
             Defect::ReturnPathFailed => write!(f, "return path write failed"),
             Defect::MemoryRefused => write!(f, "guest memory refused the block"),
+            Defect::Overlaps { start, len, other } => {
+                write!(f, "guest-physical range [{start:#x}, +{len:#x}) overlaps the region at {other:#x}")
+            }
+            Defect::PagesMissing { block, missing, first } => {
+                write!(f, "{missing} pages of block #{block} never arrived (the first at offset {first:#x})")
+            }
         }
     }
 }

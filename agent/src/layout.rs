@@ -12,6 +12,11 @@ use crate::config::{HOST_PAGE_SIZE, MAX_BLOCKS, MAX_GPA_REGIONS, TARGET_PAGE_SIZ
 
 const GIB: u64 = 1 << 30;
 const FOUR_GIB: u64 = 4 * GIB;
+/// Top of the guest-physical space four-level EPT/NPT tables translate (48 bits).
+pub const MAX_GPA: u64 = 1 << 48;
+/// The firmware window just below 4 GiB that `pc.bios` must fit in (the 16 MiB BIOS range of
+/// the pc/q35 chipsets; the local APIC at 0xfee0_0000 and the I/O APIC sit just below it).
+pub const BIOS_WINDOW: u64 = 16 << 20;
 /// Start of the legacy VGA/ROM window on pc/q35.
 pub const LEGACY_HOLE_START: u64 = 0xa_0000;
 /// End of the legacy VGA/ROM window on pc/q35.
@@ -93,6 +98,36 @@ pub struct Layout {
     bitmap_words: usize,
 }
 
+/// Why the blocks cannot be laid out in guest-physical memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapError {
+    /// The region `[start, start+len)` would not end at or below `limit`.
+    DoesNotFit {
+        /// Its first guest-physical address.
+        start: u64,
+        /// Its length.
+        len: u64,
+        /// The top of the window it must fit in.
+        limit: u64,
+    },
+    /// A block longer than the window it must sit in (`pc.bios`: [`BIOS_WINDOW`]).
+    TooLong {
+        /// Its length.
+        len: u64,
+        /// The window's size.
+        cap: u64,
+    },
+    /// The region `[start, start+len)` overlaps the region at `other`.
+    Overlaps {
+        /// Its first guest-physical address.
+        start: u64,
+        /// Its length.
+        len: u64,
+        /// The first guest-physical address of the region it overlaps.
+        other: u64,
+    },
+}
+
 /// Why a block could not be added.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AddBlockError {
@@ -127,37 +162,71 @@ impl Layout {
         Ok(self.blocks.len() - 1)
     }
 
-    /// Lays the blocks out in guest-physical memory for `machine`.
-    pub fn map_for(&mut self, machine: Machine) {
+    /// Lays the blocks out in guest-physical memory for `machine`. Every region must fit its
+    /// window (`pc.bios` the [`BIOS_WINDOW`] below 4 GiB, the rest below [`MAX_GPA`]) and no
+    /// two regions may overlap; otherwise nothing is laid out. (With these windows the pc/q35
+    /// regions cannot overlap; the check holds the invariant whatever the map rules become.)
+    pub fn map_for(&mut self, machine: Machine) -> Result<(), MapError> {
         self.regions.clear();
-        match machine {
-            Machine::Pc | Machine::Q35 => {
-                if let Some(ram) = self.find(b"pc.ram") {
-                    let len = self.blocks[ram].len;
-                    let low = machine.below_4g(len);
-                    let below_hole = low.min(LEGACY_HOLE_START);
-                    self.push_region(0, below_hole, ram, 0);
-                    if low > LEGACY_HOLE_END {
-                        self.push_region(LEGACY_HOLE_END, low - LEGACY_HOLE_END, ram, LEGACY_HOLE_END);
-                    }
-                    if len > low {
-                        self.push_region(FOUR_GIB, len - low, ram, low);
-                    }
-                }
-                if let Some(bios) = self.find(b"pc.bios") {
-                    let len = self.blocks[bios].len;
-                    self.push_region(FOUR_GIB - len, len, bios, 0);
-                }
+        let laid = match machine {
+            Machine::Pc | Machine::Q35 => self.map_pc(machine),
+            Machine::Flat => self.map_flat(),
+        };
+        let checked = laid.and_then(|()| self.check_overlaps());
+        if checked.is_err() {
+            self.regions.clear();
+        }
+        checked
+    }
+
+    fn map_pc(&mut self, machine: Machine) -> Result<(), MapError> {
+        if let Some(ram) = self.find(b"pc.ram") {
+            let len = self.blocks[ram].len;
+            let low = machine.below_4g(len);
+            // `below_4g` keeps RAM under 3.5 GiB whole below 4 GiB, and splits larger RAM.
+            let below_hole = low.min(LEGACY_HOLE_START);
+            self.push_region(0, below_hole, ram, 0);
+            if low > LEGACY_HOLE_END {
+                self.push_region(LEGACY_HOLE_END, low - LEGACY_HOLE_END, ram, LEGACY_HOLE_END);
             }
-            Machine::Flat => {
-                let mut gpa = 0;
-                for i in 0..self.blocks.len() {
-                    let len = self.blocks[i].len;
-                    self.push_region(gpa, len, i, 0);
-                    gpa += len;
+            if len > low {
+                let high = len - low;
+                fits(FOUR_GIB, high, MAX_GPA)?;
+                self.push_region(FOUR_GIB, high, ram, low);
+            }
+        }
+        if let Some(bios) = self.find(b"pc.bios") {
+            // The firmware ends at 4 GiB, inside the firmware window.
+            let len = self.blocks[bios].len;
+            if len > BIOS_WINDOW {
+                return Err(MapError::TooLong { len, cap: BIOS_WINDOW });
+            }
+            self.push_region(FOUR_GIB - len, len, bios, 0);
+        }
+        Ok(())
+    }
+
+    fn map_flat(&mut self) -> Result<(), MapError> {
+        let mut gpa = 0;
+        for i in 0..self.blocks.len() {
+            let len = self.blocks[i].len;
+            fits(gpa, len, MAX_GPA)?;
+            self.push_region(gpa, len, i, 0);
+            gpa += len;
+        }
+        Ok(())
+    }
+
+    fn check_overlaps(&self) -> Result<(), MapError> {
+        for (i, a) in self.regions.iter().enumerate() {
+            for b in &self.regions[..i] {
+                // Both end at or below MAX_GPA: the sums do not overflow.
+                if a.gpa < b.gpa + b.len && b.gpa < a.gpa + a.len {
+                    return Err(MapError::Overlaps { start: a.gpa, len: a.len, other: b.gpa });
                 }
             }
         }
+        Ok(())
     }
 
     fn push_region(&mut self, gpa: u64, len: u64, block: usize, block_offset: u64) {
@@ -205,7 +274,15 @@ impl Layout {
     }
 }
 
-const _: () = assert!(MAX_GPA_REGIONS >= MAX_BLOCKS / 2 && MAX_GPA_REGIONS >= 4);
+/// `[start, start+len)` ends at or below `limit`.
+fn fits(start: u64, len: u64, limit: u64) -> Result<(), MapError> {
+    match start.checked_add(len) {
+        Some(end) if end <= limit => Ok(()),
+        _ => Err(MapError::DoesNotFit { start, len, limit }),
+    }
+}
+
+const _: () = assert!(MAX_GPA_REGIONS >= MAX_BLOCKS && MAX_GPA_REGIONS >= 4);
 
 #[cfg(test)]
 mod tests {
@@ -221,7 +298,7 @@ mod tests {
         ] {
             l.add_block(name, len).unwrap();
         }
-        l.map_for(Machine::Q35);
+        l.map_for(Machine::Q35).unwrap();
         l
     }
 
@@ -246,6 +323,35 @@ mod tests {
         assert_eq!(l.gpa_to_block(FOUR_GIB), Some((0, 2 * GIB)));
         assert_eq!(l.gpa_to_block(FOUR_GIB + GIB - 1), Some((0, 3 * GIB - 1)));
         assert_eq!(l.block_to_gpas(0, 2 * GIB).collect::<std::vec::Vec<_>>(), [FOUR_GIB]);
+    }
+
+    #[test]
+    fn overlapping_regions_are_found() {
+        let mut l = Layout::new();
+        l.add_block(b"a", 0x4000).unwrap();
+        l.push_region(0x1000, 0x2000, 0, 0);
+        l.push_region(0x3000, 0x1000, 0, 0x2000);
+        assert_eq!(l.check_overlaps(), Ok(()), "adjacent is not overlapping");
+        l.push_region(0x2000, 0x1000, 0, 0);
+        assert_eq!(l.check_overlaps(), Err(MapError::Overlaps { start: 0x2000, len: 0x1000, other: 0x1000 }));
+    }
+
+    #[test]
+    fn regions_past_their_window_are_refused() {
+        let mut l = Layout::new();
+        l.add_block(b"pc.ram", 64 << 20).unwrap();
+        l.add_block(b"pc.bios", BIOS_WINDOW + 0x1000).unwrap();
+        assert_eq!(
+            l.map_for(Machine::Pc),
+            Err(MapError::TooLong { len: BIOS_WINDOW + 0x1000, cap: BIOS_WINDOW })
+        );
+        assert!(l.regions().is_empty(), "nothing laid out");
+        assert_eq!(fits(MAX_GPA - 0x1000, 0x1000, MAX_GPA), Ok(()));
+        assert_eq!(
+            fits(MAX_GPA, 0x1000, MAX_GPA),
+            Err(MapError::DoesNotFit { start: MAX_GPA, len: 0x1000, limit: MAX_GPA })
+        );
+        assert!(fits(u64::MAX, 2, MAX_GPA).is_err(), "no overflow");
     }
 
     #[test]

@@ -21,37 +21,85 @@ use crate::wire::section::{FullHeader, ShortHeader};
 use crate::wire::{SectionType, Writer};
 use crate::Error;
 
-/// Guest RAM as one `Vec` per block; a write outside a block panics (fails the test).
-#[derive(Debug, Default)]
-pub struct VecMemory {
-    /// (name, contents) per block, in declaration order.
-    pub blocks: Vec<(Vec<u8>, Vec<u8>)>,
+/// One block of [`PageMemory`]: only pages holding a non-zero byte are stored, so a block
+/// of many GiB costs nothing until it is written (layouts above 4 GiB stay cheap to test
+/// and to fuzz).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FakeBlock {
+    /// The block's idstr.
+    pub name: Vec<u8>,
+    /// Its length in bytes.
+    pub len: u64,
+    /// Page number → contents, for pages that are not all zero.
+    pages: BTreeMap<u64, Vec<u8>>,
 }
 
-impl GuestMemory for VecMemory {
+impl FakeBlock {
+    /// `len` bytes from `offset` (zeros where nothing was written).
+    pub fn read(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut out = std::vec![0u8; len];
+        let mut done = 0;
+        while done < len {
+            let at = offset + done as u64;
+            let in_page = (at % TARGET_PAGE_SIZE) as usize;
+            let n = (TARGET_PAGE_SIZE as usize - in_page).min(len - done);
+            if let Some(page) = self.pages.get(&(at / TARGET_PAGE_SIZE)) {
+                out[done..done + n].copy_from_slice(&page[in_page..in_page + n]);
+            }
+            done += n;
+        }
+        out
+    }
+
+    /// The whole block (for small blocks).
+    pub fn bytes(&self) -> Vec<u8> {
+        self.read(0, self.len as usize)
+    }
+
+    /// Whether every byte is zero.
+    pub fn is_zero(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    fn edit(&mut self, offset: u64, len: usize, f: impl FnOnce(&mut [u8])) {
+        assert!(offset + len as u64 <= self.len, "write outside block {:?}: {offset:#x}+{len}", self.name);
+        let (page, at) = (offset / TARGET_PAGE_SIZE, (offset % TARGET_PAGE_SIZE) as usize);
+        assert!(at + len <= TARGET_PAGE_SIZE as usize, "write crosses a page");
+        let contents = self.pages.entry(page).or_insert_with(|| std::vec![0; TARGET_PAGE_SIZE as usize]);
+        f(&mut contents[at..at + len]);
+        if contents.iter().all(|&b| b == 0) {
+            self.pages.remove(&page);
+        }
+    }
+}
+
+/// Guest RAM, page-sparse; a write outside a block or across a page panics (fails the test).
+#[derive(Debug, Default)]
+pub struct PageMemory {
+    /// The blocks, in declaration order.
+    pub blocks: Vec<FakeBlock>,
+}
+
+impl PageMemory {
+    /// The block named `name`.
+    pub fn block(&self, name: &[u8]) -> Option<&FakeBlock> {
+        self.blocks.iter().find(|b| b.name == name)
+    }
+}
+
+impl GuestMemory for PageMemory {
     fn declare_block(&mut self, index: usize, name: &[u8], len: u64) -> Result<(), Refused> {
         assert_eq!(index, self.blocks.len(), "blocks are declared in order");
-        self.blocks.push((name.to_vec(), std::vec![0; len as usize]));
+        self.blocks.push(FakeBlock { name: name.to_vec(), len, pages: BTreeMap::new() });
         Ok(())
     }
 
     fn write(&mut self, block: usize, offset: u64, data: &[u8]) {
-        let mem = &mut self.blocks[block].1;
-        let at = offset as usize;
-        assert!(at + data.len() <= mem.len(), "write outside block {block}: {offset:#x}+{}", data.len());
-        assert_eq!(
-            offset / TARGET_PAGE_SIZE,
-            (offset + data.len() as u64 - 1) / TARGET_PAGE_SIZE,
-            "write crosses a page"
-        );
-        mem[at..at + data.len()].copy_from_slice(data);
+        self.blocks[block].edit(offset, data.len(), |page| page.copy_from_slice(data));
     }
 
     fn fill(&mut self, block: usize, offset: u64, len: u64, byte: u8) {
-        let mem = &mut self.blocks[block].1;
-        let (at, len) = (offset as usize, len as usize);
-        assert!(at + len <= mem.len(), "fill outside block {block}");
-        mem[at..at + len].fill(byte);
+        self.blocks[block].edit(offset, len as usize, |page| page.fill(byte));
     }
 }
 
@@ -90,7 +138,7 @@ impl Stage2 for PageMap {
 #[derive(Debug, Default)]
 pub struct FakePorts {
     /// Guest RAM.
-    pub memory: VecMemory,
+    pub memory: PageMemory,
     /// Stage-2 map.
     pub stage2: PageMap,
     /// Device state, concatenated.
@@ -228,6 +276,9 @@ pub fn feed_through_ring<R: ReturnPath>(
     }
 }
 
+/// Guest RAM the page bitmaps of [`run_stream`] cover.
+pub const TEST_RAM_CAPACITY: u64 = 16 << 30;
+
 /// Runs a whole stream through a fresh engine with fakes; returns the engine's pieces.
 pub fn run_stream(stream: &[u8], capacity: usize, chunk: usize) -> Outcome {
     run_stream_with(stream, capacity, chunk, EngineConfig::default())
@@ -235,10 +286,10 @@ pub fn run_stream(stream: &[u8], capacity: usize, chunk: usize) -> Outcome {
 
 /// [`run_stream`] with an engine configuration.
 pub fn run_stream_with(stream: &[u8], capacity: usize, chunk: usize, config: EngineConfig<'_>) -> Outcome {
-    // 2 GiB of guest RAM: every test stream fits, and a hostile block list is refused before
-    // the fake memory allocates it.
-    let received = bitmap(2 << 30);
-    let requested = bitmap(2 << 30);
+    // Bitmaps for 16 GiB of guest RAM: layouts above 4 GiB are reachable, and a larger
+    // hostile block list is refused before the fake memory is asked for it.
+    let received = bitmap(TEST_RAM_CAPACITY);
+    let requested = bitmap(TEST_RAM_CAPACITY);
     let shared = Shared::new(&received, &requested, VecReturnPath::default());
     let mut engine = Engine::new(&shared, FakePorts::default(), config);
     let result = feed_through_ring(&mut engine, stream, capacity, chunk).and_then(|p| match p.finished {
@@ -247,6 +298,7 @@ pub fn run_stream_with(stream: &[u8], capacity: usize, chunk: usize, config: Eng
     });
     let stats = engine.stats();
     let ports = core::mem::take(engine.ports());
+    assert_eq!(ports.stage2.unflushed, 0, "unmaps left without a flush ({:?})", result);
     let state = shared.state.get();
     drop(engine);
     let rp = shared.with_rp(|rp| core::mem::take(&mut rp.port().sent));
@@ -414,7 +466,7 @@ pub fn pattern_page(seed: u64) -> Vec<u8> {
     (0..TARGET_PAGE_SIZE).map(|i| (seed.wrapping_mul(31).wrapping_add(i * 7) % 251) as u8).collect()
 }
 
-/// A complete QEMU 7.2-shaped postcopy stream for `pages` pages of `pc.ram` (plus a small
+/// A complete QEMU 7.2-shaped postcopy stream for `pages` pages of `pc.ram` (plus a 4-page
 /// `pc.bios`): precopy of every page, a discard of `discarded`, a PACKAGED blob with device
 /// state, then the discarded pages again in postcopy, END and EOF.
 pub fn postcopy_stream(pages: u64, discarded: core::ops::Range<u64>) -> Vec<u8> {
@@ -432,7 +484,11 @@ pub fn postcopy_stream(pages: u64, discarded: core::ops::Range<u64>) -> Vec<u8> 
             s.page(name, p * TARGET_PAGE_SIZE, &pattern_page(p));
         }
     }
-    s.zero(Some(b"pc.bios"), 0, 0).eos(2);
+    for p in 0..4 {
+        let name: Option<&[u8]> = if p == 0 { Some(b"pc.bios") } else { None };
+        s.zero(name, p * TARGET_PAGE_SIZE, 0);
+    }
+    s.eos(2);
     let (a, b) = (discarded.start * TARGET_PAGE_SIZE, discarded.end * TARGET_PAGE_SIZE);
     s.discard(b"pc.ram", &[(a, b - a)]).command(Command::Ping(2));
     let mut blob = StreamBuilder::new();

@@ -21,14 +21,12 @@ fn check(name: &str, main_block: &str, pc_hole: bool, capacity: usize, chunk: us
     assert_eq!(out.state, State::None, "plain precopy never leaves NONE");
     assert_eq!(out.stats.bytes, stream.len() as u64, "every byte consumed");
     assert!(out.rp.is_empty(), "no return path in a plain precopy stream");
-    let (_, ram) = out.ports.memory.blocks.iter().find(|(n, _)| n == main_block.as_bytes()).unwrap();
-    let mut ram = ram.clone();
+    let mut ram = out.ports.memory.block(main_block.as_bytes()).unwrap().bytes();
     if pc_hole {
         ram[LEGACY_HOLE_START as usize..LEGACY_HOLE_END as usize].fill(0);
     }
     assert_eq!(format!("{:x}", Sha256::digest(&ram)), expected, "{name}: RAM differs from the source's");
-    let total_pages: u64 =
-        out.ports.memory.blocks.iter().map(|(_, d)| d.len() as u64 / TARGET_PAGE_SIZE).sum();
+    let total_pages: u64 = out.ports.memory.blocks.iter().map(|b| b.len / TARGET_PAGE_SIZE).sum();
     assert!(out.stats.pages + out.stats.zero_pages >= total_pages, "every page arrived at least once");
     assert!(out.stats.device_state_bytes > 0);
 }
@@ -67,8 +65,7 @@ fn check_postcopy(name: &str) {
     let rp: Vec<&[u8]> = out.rp.iter().map(Vec::as_slice).collect();
     let pong = |v: u8| [0, 2, 0, 4, 0, 0, 0, v];
     assert_eq!(rp, [&pong(1)[..], &pong(2), &pong(3), &pong(4), &[0, 1, 0, 4, 0, 0, 0, 0]]);
-    let (_, ram) = out.ports.memory.blocks.iter().find(|(n, _)| n == b"pc.ram").unwrap();
-    let mut ram = ram.clone();
+    let mut ram = out.ports.memory.block(b"pc.ram").unwrap().bytes();
     ram[LEGACY_HOLE_START as usize..LEGACY_HOLE_END as usize].fill(0);
     assert_eq!(format!("{:x}", Sha256::digest(&ram)), expected, "{name}: RAM differs from the source's");
 }

@@ -50,9 +50,9 @@ fn postcopy_stream_completes_with_the_right_ram_and_return_path() {
         ["Pong(1)", "Pong(2)", "Pong(3)", "Pong(4)", "Shut(0)"],
         "PONG for every PING, SHUT(0) last"
     );
-    assert_eq!(out.ports.memory.blocks[0].1, expected_ram(10..20));
+    assert_eq!(out.ports.memory.blocks[0].bytes(), expected_ram(10..20));
     assert_eq!(out.stats.discarded_pages, 10);
-    assert_eq!(out.stats.pages + out.stats.zero_pages, PAGES + 1 + 10);
+    assert_eq!(out.stats.pages + out.stats.zero_pages, PAGES + 4 + 10);
     assert_eq!(out.ports.stage2.flushes, 1, "one flush for one RAM_DISCARD command");
     assert_eq!(out.ports.stage2.unflushed, 0);
     // Every pc.ram page is mapped at its guest-physical address, pc.bios below 4 GiB.
@@ -169,8 +169,11 @@ fn precopy_completion_after_advise_stays_in_advise_and_shuts_after_vmdescription
     assert!(out.result.unwrap().finished);
     assert_eq!(out.state, State::Advise);
     assert_eq!(rp_messages(&out.rp), ["Pong(1)", "Shut(0)"]);
-    assert_eq!(&out.ports.memory.blocks[0].1[..4096], &pattern_page(1)[..]);
-    assert!(out.ports.memory.blocks[0].1[12288..].iter().all(|&b| b == 7), "ZERO's fill byte is honoured");
+    assert_eq!(&out.ports.memory.blocks[0].bytes()[..4096], &pattern_page(1)[..]);
+    assert!(
+        out.ports.memory.blocks[0].bytes()[12288..].iter().all(|&b| b == 7),
+        "ZERO's fill byte is honoured"
+    );
     let mut devices = StreamBuilder::new();
     devices.device(9, b"cpu", &[0x55; 40]).device(10, b"apic", &[0xaa; 20]);
     assert_eq!(out.ports.device_state, devices.bytes);
@@ -180,12 +183,17 @@ fn precopy_completion_after_advise_stays_in_advise_and_shuts_after_vmdescription
 fn continue_lasts_across_sections() {
     let mut s = StreamBuilder::new();
     s.header().ram_start(2, &[(b"a", 2 * TARGET_PAGE_SIZE), (b"b", 2 * TARGET_PAGE_SIZE)]);
-    s.ram_part(2, false).page(Some(b"b"), 0, &pattern_page(9)).eos(2);
+    s.ram_part(2, false).zero(Some(b"a"), 0, 0).zero(None, 4096, 0);
+    s.page(Some(b"b"), 0, &pattern_page(9)).eos(2);
     s.ram_part(2, true).page(None, 4096, &pattern_page(10)).eos(2).eof();
     let out = run_stream(&s.bytes, 1 << 16, 1 << 16);
     out.result.unwrap();
-    assert_eq!(&out.ports.memory.blocks[1].1[4096..], &pattern_page(10)[..], "CONTINUE went to block b");
-    assert!(out.ports.memory.blocks[0].1.iter().all(|&b| b == 0));
+    assert_eq!(
+        &out.ports.memory.blocks[1].bytes()[4096..],
+        &pattern_page(10)[..],
+        "CONTINUE went to block b"
+    );
+    assert!(out.ports.memory.blocks[0].bytes().iter().all(|&b| b == 0));
 }
 
 #[test]
@@ -199,14 +207,35 @@ fn seed_v5_dialect_with_semi_sparse_discard() {
     s.eos(2);
     // first_bit_offset 0; pages 3, 4, 5 and 40 discarded.
     s.discard_v5(b"pc.ram", 0, &[(0, 0b111000), (32, 1 << 8)]);
-    s.command(Command::Listen).command(Command::Run).command(Command::PostcopyEnd(0)).eof();
+    s.command(Command::Listen).command(Command::Run);
     let v5 = EngineConfig { dialect: Dialect::SeedV5, machine: None };
-    let out = run_stream_with(&s.bytes, 1 << 20, 1 << 20, v5);
-    assert!(out.result.unwrap().finished);
+    // Up to RUN: the discarded pages are unmapped.
+    let mut at_run = s.clone();
+    at_run.command(Command::PostcopyEnd(0)).eof();
+    let out = run_stream_with(&at_run.bytes, 1 << 20, 1 << 20, v5);
     assert_eq!(out.stats.discarded_pages, 4);
-    assert_eq!(out.state, State::End);
     let mapped = |p: u64| out.ports.stage2.mapped.contains_key(&(p * TARGET_PAGE_SIZE));
     assert!(mapped(2) && !mapped(3) && !mapped(5) && mapped(6) && !mapped(40) && mapped(41));
+    // ... and POSTCOPY_END without them is refused: 4 pages never came back.
+    let e = out.result.unwrap_err();
+    assert_eq!(
+        (e.field, e.defect),
+        (Field::EndOfStream, Defect::PagesMissing { block: 0, missing: 4, first: 0x3000 })
+    );
+    // With the pages sent again in postcopy, END completes.
+    s.ram_part(2, false);
+    for p in [3, 4, 5, 40] {
+        s.page(Some(b"pc.ram"), p * TARGET_PAGE_SIZE, &pattern_page(p ^ 0xffff));
+    }
+    s.eos(2).command(Command::PostcopyEnd(0)).eof();
+    let out = run_stream_with(&s.bytes, 1 << 20, 1 << 20, v5);
+    assert!(out.result.unwrap().finished);
+    assert_eq!(out.state, State::End);
+    for p in 0..64u64 {
+        let want = if [3, 4, 5, 40].contains(&p) { pattern_page(p ^ 0xffff) } else { pattern_page(p) };
+        let at = (p * TARGET_PAGE_SIZE) as usize;
+        assert_eq!(&out.ports.memory.blocks[0].bytes()[at..at + 4096], &want[..], "page {p}");
+    }
     // v5 numbers: ADVISE is 20; a 7.2 destination refuses it as an unknown command.
     let as_72 = run_stream(&s.bytes, 1 << 20, 1 << 20).result.unwrap_err();
     assert_eq!((as_72.field, as_72.defect), (Field::CommandId, Defect::Unknown { found: 20 }));

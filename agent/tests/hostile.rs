@@ -6,19 +6,24 @@
 use agent::config::{MAX_PACKAGED_LEN, TARGET_PAGE_SIZE};
 use agent::postcopy::State;
 use agent::testing::{pattern_page, postcopy_stream, run_stream, Outcome, StreamBuilder};
-use agent::wire::command::Command;
+use agent::wire::command::{Command, Dialect};
+use agent::wire::section::FullHeader;
+use agent::wire::Writer;
 use agent::{Defect, Error, Field};
 
-/// A stream with the return path open, ADVISE, 4 pages of `pc.ram` received in precopy.
+const RAM_PAGES: u64 = 16;
+
+/// A stream with the return path open, ADVISE, every page of `pc.ram` (16) and `pc.bios` (2)
+/// received in precopy.
 fn setup() -> StreamBuilder {
     let mut s = StreamBuilder::new();
     s.header().configuration(b"pc-i440fx-7.2").command(Command::OpenReturnPath).advise(4096, 4096);
-    s.ram_start(2, &[(b"pc.ram", 16 * TARGET_PAGE_SIZE), (b"pc.bios", 2 * TARGET_PAGE_SIZE)]);
+    s.ram_start(2, &[(b"pc.ram", RAM_PAGES * TARGET_PAGE_SIZE), (b"pc.bios", 2 * TARGET_PAGE_SIZE)]);
     s.ram_part(2, false);
-    for p in 0..4 {
+    for p in 0..RAM_PAGES {
         s.page(if p == 0 { Some(b"pc.ram") } else { None }, p * TARGET_PAGE_SIZE, &pattern_page(p));
     }
-    s.eos(2);
+    s.zero(Some(b"pc.bios"), 0, 0).zero(None, TARGET_PAGE_SIZE, 0).eos(2);
     s
 }
 
@@ -28,16 +33,15 @@ fn fails(stream: &[u8]) -> (Error, Outcome) {
     (err, out)
 }
 
-/// The error, SHUT(1) last on the return path, and the 4 received pages untouched.
+/// The error, SHUT(1) last on the return path, and the received pages untouched.
 fn check(stream: &[u8], field: Field, defect: Defect) -> Error {
     let (err, out) = fails(stream);
     assert_eq!((err.field, err.defect), (field, defect), "{err}");
     assert!(err.offset < stream.len() as u64);
     assert_eq!(out.rp.last().map(Vec::as_slice), Some(&[0, 1, 0, 4, 0, 0, 0, 1][..]), "SHUT(1) last");
-    if let Some((_, ram)) = out.ports.memory.blocks.first() {
-        for p in 0..4u64 {
-            let at = (p * TARGET_PAGE_SIZE) as usize;
-            assert_eq!(&ram[at..at + 4096], &pattern_page(p)[..], "received page {p} intact");
+    if let Some(ram) = out.ports.memory.block(b"pc.ram") {
+        for p in 0..RAM_PAGES {
+            assert_eq!(ram.read(p * TARGET_PAGE_SIZE, 4096), pattern_page(p), "received page {p} intact");
         }
     }
     err
@@ -211,7 +215,8 @@ fn a_block_list_larger_than_the_page_bitmaps_is_refused_before_memory_is_asked()
     let mut s = StreamBuilder::new();
     s.header().command(Command::OpenReturnPath).ram_start(2, &[(b"pc.ram", 1 << 52)]);
     let (e, out) = fails(&s.bytes);
-    assert_eq!((e.field, e.defect), (Field::RamBlockList, Defect::TooLong { len: 1 << 52, cap: 2 << 30 }));
+    let cap = agent::testing::TEST_RAM_CAPACITY;
+    assert_eq!((e.field, e.defect), (Field::RamBlockList, Defect::TooLong { len: 1 << 52, cap }));
     assert!(out.ports.memory.blocks.is_empty(), "no block declared");
 }
 
@@ -222,7 +227,7 @@ fn continue_with_no_previous_block() {
     s.ram_part(2, false).zero(None, 0, 0);
     let (e, out) = fails(&s.bytes);
     assert_eq!((e.field, e.defect), (Field::RamBlockName, Defect::NoPreviousBlock));
-    assert!(out.ports.memory.blocks[0].1.iter().all(|&b| b == 0), "nothing written");
+    assert!(out.ports.memory.blocks.is_empty() || out.ports.memory.blocks[0].is_zero(), "nothing written");
 }
 
 #[test]
@@ -283,5 +288,182 @@ fn a_page_after_run_never_overwrites_a_present_page() {
     let out = run_stream(&s.bytes, 1 << 16, 1 << 16);
     assert!(out.result.unwrap().finished);
     assert_eq!(out.stats.duplicate_pages, 1);
-    assert_eq!(&out.ports.memory.blocks[0].1[..4096], &pattern_page(0)[..]);
+    assert_eq!(out.ports.memory.blocks[0].read(0, 4096), pattern_page(0));
+}
+
+/// `postcopy_stream` with the postcopy phase cut: RUN, then only the first `sent` of the
+/// discarded pages, then the ram END and the final EOF, as a finishing source would send them.
+fn postcopy_with_pages_withheld(sent: u64) -> (Vec<u8>, u64) {
+    let (pages, discarded) = (8u64, 2..6u64);
+    let full = postcopy_stream(pages, discarded.clone());
+    let ping4 = [8, 0, 2, 0, 4, 0, 0, 0, 4];
+    let at = full.windows(9).position(|w| w == ping4).unwrap() + 9;
+    let mut s = StreamBuilder { bytes: full[..at].to_vec(), ..Default::default() };
+    s.ram_part(2, false);
+    for p in discarded.clone().take(sent as usize) {
+        s.page(Some(b"pc.ram"), p * TARGET_PAGE_SIZE, &pattern_page(p));
+    }
+    s.eos(2).ram_part(2, true).eos(2).eof();
+    (s.bytes, discarded.end - discarded.start)
+}
+
+#[test]
+fn a_migration_with_pages_missing_at_the_end_is_not_complete() {
+    // The source's final EOF with discarded pages never sent again: holes in guest RAM.
+    for sent in 0..4 {
+        let (stream, discarded) = postcopy_with_pages_withheld(sent);
+        let (e, out) = fails(&stream);
+        let first = (2 + sent) * TARGET_PAGE_SIZE;
+        let missing = discarded - sent;
+        assert_eq!(
+            (e.field, e.defect),
+            (Field::EndOfStream, Defect::PagesMissing { block: 0, missing, first })
+        );
+        assert_eq!(e.offset, stream.len() as u64 - 1, "named at the final EOF");
+        assert_ne!(out.state, State::End, "never END with pages missing");
+        assert_eq!(
+            out.rp.last().map(Vec::as_slice),
+            Some(&[0, 1, 0, 4, 0, 0, 0, 1][..]),
+            "SHUT(1), not SHUT(0)"
+        );
+    }
+    // EOF right after the PACKAGED command (RUN is its last record): nothing of postcopy came.
+    let full = postcopy_stream(8, 2..6);
+    let run = [8, 0, 5, 0, 0];
+    let at = full.windows(5).rposition(|w| w == run).unwrap() + 5;
+    let mut s = StreamBuilder { bytes: full[..at].to_vec(), ..Default::default() };
+    s.eof();
+    let (e, _) = fails(&s.bytes);
+    assert_eq!(e.defect, Defect::PagesMissing { block: 0, missing: 4, first: 2 * TARGET_PAGE_SIZE });
+    // A precopy completion that never sent some pages.
+    let mut s = StreamBuilder::new();
+    s.header().command(Command::OpenReturnPath).ram_start(2, &[(b"pc.ram", 4 * TARGET_PAGE_SIZE)]);
+    s.ram_part(2, true).zero(Some(b"pc.ram"), 0, 0).zero(None, 2 * TARGET_PAGE_SIZE, 0).eos(2).eof();
+    let (e, _) = fails(&s.bytes);
+    assert_eq!(e.defect, Defect::PagesMissing { block: 0, missing: 2, first: TARGET_PAGE_SIZE });
+}
+
+#[test]
+fn v5_postcopy_end_with_pages_missing_is_refused_and_no_page_overwrites_after_it() {
+    let v5 = agent::postcopy::EngineConfig { dialect: Dialect::SeedV5, machine: None };
+    let base = || {
+        let mut s = StreamBuilder { dialect: Dialect::SeedV5, ..Default::default() };
+        s.header().command(Command::OpenReturnPath).advise(4096, 4096);
+        s.ram_start(2, &[(b"ram", 4 * TARGET_PAGE_SIZE)]).ram_part(2, false);
+        for p in 0..4 {
+            s.page(if p == 0 { Some(b"ram") } else { None }, p * TARGET_PAGE_SIZE, &pattern_page(p));
+        }
+        s.eos(2).discard_v5(b"ram", 0, &[(0, 0b10)]).command(Command::Listen).command(Command::Run);
+        s
+    };
+    // Page 1 discarded and never sent again.
+    let mut s = base();
+    s.command(Command::PostcopyEnd(0)).eof();
+    let out = agent::testing::run_stream_with(&s.bytes, 4096, 4096, v5);
+    let e = out.result.unwrap_err();
+    assert_eq!(e.defect, Defect::PagesMissing { block: 0, missing: 1, first: TARGET_PAGE_SIZE });
+    // Page 1 sent, END, then page 0 again: the guest runs on, the second copy is dropped.
+    let mut s = base();
+    s.ram_part(2, false).page(Some(b"ram"), TARGET_PAGE_SIZE, &pattern_page(11)).eos(2);
+    s.command(Command::PostcopyEnd(0)).ram_part(2, false).page(Some(b"ram"), 0, &[0xee; 4096]).eos(2).eof();
+    let out = agent::testing::run_stream_with(&s.bytes, 4096, 4096, v5);
+    assert!(out.result.unwrap().finished);
+    assert_eq!(out.stats.duplicate_pages, 1);
+    assert_eq!(out.ports.memory.blocks[0].read(0, 4096), pattern_page(0), "page 0 kept after END");
+    assert_eq!(out.ports.memory.blocks[0].read(TARGET_PAGE_SIZE, 4096), pattern_page(11));
+}
+
+/// A stream whose block list is `blocks` on `machine`, with nothing after it.
+fn block_list(machine: &[u8], blocks: &[(&[u8], u64)]) -> Vec<u8> {
+    let mut s = StreamBuilder::new();
+    s.header().configuration(machine).command(Command::OpenReturnPath).ram_start(2, blocks);
+    s.bytes
+}
+
+#[test]
+fn guest_physical_layouts_that_do_not_fit_are_refused_before_memory_is_asked() {
+    const GIB: u64 = 1 << 30;
+    let ram = 64 << 20;
+    let window = agent::layout::BIOS_WINDOW;
+    let too_long = |len| Defect::TooLong { len, cap: window };
+    let cases: [(&[u8], u64, Defect); 5] = [
+        // Longer than 4 GiB: `4 GiB - len` would underflow.
+        (b"pc-i440fx-7.2", 5 * GIB, too_long(5 * GIB)),
+        // Exactly 4 GiB: it would start at 0, over pc.ram.
+        (b"pc-i440fx-7.2", 4 * GIB, too_long(4 * GIB)),
+        // 4 GiB - 128 KiB: it would start at 128 KiB, over pc.ram.
+        (b"pc-q35-7.2", 4 * GIB - 0x20000, too_long(4 * GIB - 0x20000)),
+        // 3.5 GiB: over the PCI hole, the APICs and the upper part of pc.ram.
+        (b"pc-i440fx-7.2", 3 * GIB + GIB / 2, too_long(3 * GIB + GIB / 2)),
+        // One page more than the firmware window.
+        (b"pc-q35-7.2", window + 0x1000, too_long(window + 0x1000)),
+    ];
+    for (machine, bios, defect) in cases {
+        let stream = block_list(machine, &[(b"pc.ram", ram), (b"pc.bios", bios)]);
+        let (e, out) = fails(&stream);
+        assert_eq!((e.field, e.defect), (Field::GuestPhysicalMap, defect), "bios of {bios:#x}");
+        assert!(out.ports.memory.blocks.is_empty(), "no memory asked for");
+        assert!(out.ports.stage2.mapped.is_empty(), "nothing mapped");
+    }
+    // Above 4 GiB: 2.75 GiB of q35 RAM puts 0.75 GiB at 4 GiB; a bios that fits is accepted.
+    let stream = block_list(b"pc-q35-7.2", &[(b"pc.ram", 0xb000_0000), (b"pc.bios", 0x4_0000)]);
+    let out = run_stream(&stream, 4096, 4096);
+    assert_eq!(out.result.unwrap_err().defect, Defect::Truncated, "the list itself is fine");
+    assert_eq!(out.ports.memory.blocks.len(), 2);
+}
+
+#[test]
+fn a_flat_machine_maps_every_block() {
+    // More blocks than the old region table held (8): each must be mapped, none dropped.
+    let names: Vec<Vec<u8>> = (0..12).map(|i| format!("blk{i}").into_bytes()).collect();
+    let blocks: Vec<(&[u8], u64)> = names.iter().map(|n| (n.as_slice(), TARGET_PAGE_SIZE)).collect();
+    let mut s = StreamBuilder::new();
+    s.header().configuration(b"none").ram_start(2, &blocks).ram_part(2, true);
+    for (i, name) in names.iter().enumerate() {
+        s.page(Some(name), 0, &pattern_page(i as u64));
+    }
+    s.eos(2).eof();
+    let out = run_stream(&s.bytes, 1 << 16, 1 << 16);
+    assert!(out.result.unwrap().finished);
+    for i in 0..12u64 {
+        assert_eq!(out.ports.stage2.mapped.get(&(i * TARGET_PAGE_SIZE)), Some(&(i as usize, 0)), "block {i}");
+    }
+}
+
+#[test]
+fn device_state_over_the_cap_is_refused() {
+    // A precopy completion with 17 MiB of device state in the main stream.
+    let mut s = setup();
+    s.device(9, b"cpu", &vec![0x55; 17 << 20]).eof();
+    let (e, out) = fails(&s.bytes);
+    let cap = agent::config::MAX_DEVICE_STATE_LEN;
+    assert_eq!(e.field, Field::DeviceState);
+    assert!(matches!(e.defect, Defect::TooLong { len, cap: c } if len > cap && c == cap), "{e}");
+    assert!(out.ports.device_state.len() as u64 <= cap, "no more than the cap kept");
+}
+
+#[test]
+fn a_ram_section_other_than_instance_0_is_refused() {
+    let mut s = StreamBuilder::new();
+    s.header().command(Command::OpenReturnPath);
+    let h = FullHeader { start: true, section_id: 2, idstr: b"ram", instance_id: 1, version_id: 4 };
+    let mut buf = [0u8; 64];
+    let mut w = Writer::new(&mut buf);
+    h.emit(&mut w).unwrap();
+    let n = w.len();
+    s.raw(&buf[..n]);
+    check(&s.bytes, Field::SectionInstance, Defect::BadValue { found: 1, expected: 0 });
+}
+
+#[test]
+fn a_stream_cut_between_discard_entries_still_flushes_the_unmaps() {
+    let mut s = setup();
+    s.discard(b"pc.ram", &[(0, 0x2000), (0x4000, 0x1000)]);
+    // Cut inside the second entry: the first range is already unmapped.
+    let cut = s.bytes.len() - 8;
+    let out = run_stream(&s.bytes[..cut], 4096, 1000);
+    assert_eq!(out.result.unwrap_err().defect, Defect::Truncated);
+    assert_eq!(out.ports.stage2.unflushed, 0);
+    assert_eq!(out.ports.stage2.flushes, 1, "the unmaps made were flushed");
+    assert!(!out.ports.stage2.mapped.contains_key(&0) && out.ports.stage2.mapped.contains_key(&0x2000));
 }

@@ -7,10 +7,10 @@
 
 use super::shared::Shared;
 use super::state::State;
-use crate::config::{HOST_PAGE_SIZE, TARGET_PAGE_BITS, TARGET_PAGE_SIZE};
+use crate::config::{HOST_PAGE_SIZE, MAX_DEVICE_STATE_LEN, TARGET_PAGE_BITS, TARGET_PAGE_SIZE};
 use crate::decoder::{Decoder, Record, Step};
 use crate::error::{Defect, Error, Field};
-use crate::layout::{AddBlockError, Layout, Machine};
+use crate::layout::{AddBlockError, Layout, Machine, MapError};
 use crate::ports::{ReturnPath, StreamPorts};
 use crate::wire::command::{Command, Dialect};
 use crate::wire::discard::MaskRuns;
@@ -150,9 +150,9 @@ impl<'s, 'a, 'c, R: ReturnPath, P: StreamPorts> Engine<'s, 'a, 'c, R, P> {
         }
         if !self.core.finished {
             // A precopy completion whose source sent no VMDESCRIPTION ends here.
-            match self.decoder.end_of_input() {
-                Ok(()) => self.core.complete(self.decoder.offset())?,
-                Err(e) => return Err(self.core.fail(e)),
+            let offset = self.decoder.offset();
+            if let Err(e) = self.decoder.end_of_input().and_then(|()| self.core.complete(offset)) {
+                return Err(self.core.fail(e));
             }
         }
         Ok(Progress { consumed: 0, finished: true })
@@ -189,6 +189,10 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
     fn fail(&mut self, e: Error) -> Error {
         if self.failed.is_none() {
             self.failed = Some(e);
+            // A RAM_DISCARD cut short: the unmaps made so far must still reach the vCPUs.
+            if self.discard.take().is_some() {
+                self.ports.flush();
+            }
             // Best effort: tell the source we failed, so it reports `failed` at once.
             self.shared.with_rp(|rp| {
                 if rp.is_open() {
@@ -244,7 +248,11 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
                 Ok(())
             }
             Record::DeviceData(bytes) => {
-                self.stats.device_state_bytes += bytes.len() as u64;
+                let len = self.stats.device_state_bytes + bytes.len() as u64;
+                if len > MAX_DEVICE_STATE_LEN {
+                    return err(Field::DeviceState, Defect::TooLong { len, cap: MAX_DEVICE_STATE_LEN });
+                }
+                self.stats.device_state_bytes = len;
                 self.ports.device_state(bytes);
                 Ok(())
             }
@@ -325,6 +333,8 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
                     let d = Defect::BadValue { found: status.into(), expected: 0 };
                     return Err(Error::new(at, Field::CommandId, d));
                 }
+                // The end of postcopy: only with every page there.
+                self.check_complete(at)?;
                 let from = [State::Advise, State::Discard, State::Listening, State::Running];
                 state.transition_from_any(&from, State::End).map_err(wrong)?;
                 Ok(())
@@ -395,7 +405,7 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
         }
         self.building = Some((Layout::new(), total));
         if total == 0 {
-            self.publish()?;
+            self.publish(at)?;
         }
         Ok(())
     }
@@ -404,7 +414,7 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
         let Some((layout, left)) = self.building.as_mut() else {
             return Err(Error::new(at, Field::RamBlockList, Defect::Unsupported));
         };
-        let index = layout.add_block(name, len).map_err(|e| {
+        layout.add_block(name, len).map_err(|e| {
             let defect = match e {
                 AddBlockError::TooMany => Defect::TooMany { cap: crate::config::MAX_BLOCKS as u64 },
                 AddBlockError::Misaligned => Defect::Misaligned { value: len, align: HOST_PAGE_SIZE },
@@ -414,28 +424,39 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
         })?;
         *left -= len;
         let done = *left == 0;
-        // Guest RAM is bounded by the page bitmaps: refuse a block past them before the
-        // platform is asked to provide it (a hostile MEM_SIZE may announce petabytes).
+        // Guest RAM is bounded by the page bitmaps: refuse a block past them at once (a
+        // hostile MEM_SIZE may announce petabytes). The platform is asked for memory only
+        // once the whole list is laid out (`publish`).
         let capacity = self.shared.bitmap_capacity();
         if layout.bitmap_words() > capacity {
             let bytes = |words: usize| words as u64 * 64 * TARGET_PAGE_SIZE;
             let defect = Defect::TooLong { len: bytes(layout.bitmap_words()), cap: bytes(capacity) };
             return Err(Error::new(at, Field::RamBlockList, defect));
         }
-        self.ports
-            .declare_block(index, name, len)
-            .map_err(|_| Error::new(at, Field::RamBlockName, Defect::MemoryRefused))?;
         if done {
-            self.publish()?;
+            self.publish(at)?;
         }
         Ok(())
     }
 
-    fn publish(&mut self) -> Handled {
+    fn publish(&mut self, at: u64) -> Handled {
         let Some((mut layout, _)) = self.building.take() else {
             return Ok(());
         };
-        layout.map_for(self.machine);
+        layout.map_for(self.machine).map_err(|e| {
+            let defect = match e {
+                MapError::DoesNotFit { start, len, limit } => Defect::OutOfRange { start, len, limit },
+                MapError::TooLong { len, cap } => Defect::TooLong { len, cap },
+                MapError::Overlaps { start, len, other } => Defect::Overlaps { start, len, other },
+            };
+            Error::new(at, Field::GuestPhysicalMap, defect)
+        })?;
+        // Only a list that fits the guest-physical map asks the platform for memory.
+        for (index, block) in layout.blocks().iter().enumerate() {
+            self.ports
+                .declare_block(index, &block.name, block.len)
+                .map_err(|_| Error::new(at, Field::RamBlockName, Defect::MemoryRefused))?;
+        }
         self.shared.publish_layout(layout);
         Ok(())
     }
@@ -455,9 +476,10 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
             let d = Defect::OutOfRange { start: offset, len: TARGET_PAGE_SIZE, limit };
             return Err(Error::new(at, Field::RamOffset, d));
         }
-        // After LISTEN a page is placed once: one that is already there may have been
-        // written by the guest since, so a second copy is dropped.
-        let postcopy = matches!(self.shared.state.get(), State::Listening | State::Running);
+        // From LISTEN on a page is placed once: one that is already there may have been
+        // written by the guest since, so a second copy is dropped (also after a v5
+        // POSTCOPY_END, while the guest runs on).
+        let postcopy = matches!(self.shared.state.get(), State::Listening | State::Running | State::End);
         let skip = postcopy && self.shared.is_received(block, offset);
         if skip {
             self.stats.duplicate_pages += 1;
@@ -532,11 +554,25 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
         }
     }
 
-    /// The migration completed: END (postcopy), SHUT(0).
+    /// Every page of every block has arrived; otherwise the first block with holes is named.
+    fn check_complete(&self, at: u64) -> Handled {
+        let Some(layout) = self.layout() else { return Ok(()) };
+        match self.shared.first_incomplete_block(layout) {
+            None => Ok(()),
+            Some((block, missing, first)) => {
+                Err(Error::new(at, Field::EndOfStream, Defect::PagesMissing { block, missing, first }))
+            }
+        }
+    }
+
+    /// The migration completed: every page is there, END (postcopy), SHUT(0). END comes
+    /// before SHUT, and SHUT goes out under the return-path lock, so no page request can
+    /// follow it (see `shared`).
     fn complete(&mut self, at: u64) -> Handled {
         if self.finished {
             return Ok(());
         }
+        self.check_complete(at)?;
         let _ = self.shared.state.transition(State::Running, State::End);
         self.shared.with_rp(|rp| {
             if rp.is_open() {

@@ -9,7 +9,19 @@
 //! | `requested` bits | vCPUs: set by the first toucher of a missing page; cleared by a discard | faults | stream context after placing a page |
 //! | `parked[v]` | vCPU `v` stores the page it waits for; whoever wins the compare-exchange back to empty clears it (the stream context releasing `v`, or `v` finding its page arrived) | faults, page arrival | both |
 //! | `parkers` (bit `v`: vCPU `v` may be parked) | vCPU `v` only, its own bit: set before it parks, cleared when it resumes by itself | faults | stream context, to visit only those slots |
-//! | `rp` (return path + last requested block) | both, under its lock | PONG/SHUT, page requests | - |
+//! | `rp` (return path, last requested block, whether a send failed) | both, under its lock | PONG/SHUT, page requests | - |
+//!
+//! # The end of a migration
+//!
+//! The stream context completes a migration only when every page of every block has arrived
+//! (otherwise it is a typed error), then moves to END and sends SHUT(0) under the
+//! return-path lock. A vCPU sends a page request under that same lock and only after reading
+//! the state there: a request therefore goes out before SHUT or not at all. A vCPU that
+//! finds END instead finds its page received (it arrived before the completion check), so it
+//! resumes: no vCPU waits for a page after the end. A request that cannot be sent (the
+//! connection failing) is not an error either: the source sends every page in postcopy
+//! anyway, so the vCPU keeps waiting for it; if the stream ends first, the migration fails
+//! with the missing pages named.
 //!
 //! # Fault → wait → wake
 //!
@@ -73,8 +85,6 @@ pub enum FaultError {
         /// The state.
         state: State,
     },
-    /// The page request could not be sent.
-    ReturnPath,
     /// The vCPU index is not below [`MAX_VCPUS`].
     NoSuchVcpu {
         /// The index given.
@@ -101,6 +111,9 @@ pub struct RpSender<R> {
     open: bool,
     /// Block of the last REQ_PAGES_ID (REQ_PAGES without an id refers to it).
     last_block: Option<usize>,
+    /// A page request could not be sent: later ones are not tried (the pages still come in
+    /// the stream).
+    broken: bool,
 }
 
 impl<R: ReturnPath> RpSender<R> {
@@ -136,12 +149,15 @@ pub struct FaultCounters {
     pub write_faults: AtomicU64,
     /// Page requests sent.
     pub requests: AtomicU64,
+    /// Page requests that could not be sent (the return path failed); their vCPUs waited for
+    /// the pages to come in the stream.
+    pub unsent_requests: AtomicU64,
 }
 
 impl Default for FaultCounters {
     fn default() -> Self {
         let zero = || AtomicU64::new(0);
-        Self { faults: zero(), write_faults: zero(), requests: zero() }
+        Self { faults: zero(), write_faults: zero(), requests: zero(), unsent_requests: zero() }
     }
 }
 
@@ -185,7 +201,7 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
             layout: Once::new(),
             received,
             requested,
-            rp: Mutex::new(RpSender { port: rp, open: false, last_block: None }),
+            rp: Mutex::new(RpSender { port: rp, open: false, last_block: None, broken: false }),
             parked: core::array::from_fn(|_| AtomicU64::new(NOT_PARKED)),
             parkers: AtomicU64::new(0),
             counters: FaultCounters::default(),
@@ -259,6 +275,28 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
         }
     }
 
+    /// The first block with pages that have not arrived: (block, pages missing, offset of the
+    /// first). `None` when every page of every block is there.
+    pub fn first_incomplete_block(&self, layout: &Layout) -> Option<(usize, u64, u64)> {
+        layout.blocks().iter().enumerate().find_map(|(index, block)| {
+            let pages = block.pages();
+            let words = self.received.get(block.first_word..)?.iter().take(pages.div_ceil(64) as usize);
+            let (mut missing, mut first) = (0, None);
+            for (i, word) in words.enumerate() {
+                let in_block = pages - 64 * i as u64;
+                let valid = if in_block >= 64 { u64::MAX } else { (1u64 << in_block) - 1 };
+                let holes = !word.load(Ordering::SeqCst) & valid;
+                if holes != 0 {
+                    missing += u64::from(holes.count_ones());
+                    first.get_or_insert(
+                        (64 * i as u64 + u64::from(holes.trailing_zeros())) * TARGET_PAGE_SIZE,
+                    );
+                }
+            }
+            first.map(|first| (index, missing, first))
+        })
+    }
+
     /// Stream context, before LISTEN: forget that the pages of `[offset, offset+len)` arrived.
     pub fn mark_discarded(&self, layout: &Layout, block: usize, offset: u64, len: u64) {
         let word_span = 64 * TARGET_PAGE_SIZE;
@@ -298,17 +336,21 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
         let page_size = layout.blocks()[block].page_size;
         let offset = offset & !(page_size - 1);
         let (received, requested, mask) = self.bits(layout, block, offset).ok_or(outside)?;
+        let ended = |state| match received.load(Ordering::SeqCst) & mask {
+            // The migration completed, so every page arrived before END: re-walk.
+            0 => Err(FaultError::NotPostcopy { state }),
+            _ => Ok(Fault::Resume),
+        };
         if received.load(Ordering::SeqCst) & mask != 0 {
             return Ok(Fault::Resume);
         }
         if state == State::End {
-            // SHUT has gone out: nothing may be requested any more, and every page the
-            // source had was sent. A page still missing is a guest access to memory the
-            // source never sent, not a page to wait for.
-            return Err(FaultError::NotPostcopy { state });
+            return ended(state);
         }
-        if requested.fetch_or(mask, Ordering::SeqCst) & mask == 0 {
-            self.request(layout, block, offset, page_size)?;
+        if requested.fetch_or(mask, Ordering::SeqCst) & mask == 0
+            && !self.request(layout, block, offset, page_size)
+        {
+            return ended(State::End);
         }
         let key = page_key(block, offset);
         slot.store(key, Ordering::SeqCst);
@@ -327,10 +369,19 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
         Ok(Fault::Wait { block, offset })
     }
 
-    fn request(&self, layout: &Layout, block: usize, start: u64, len: u64) -> Result<(), FaultError> {
+    /// Asks the source for a page; `false` if the migration has ended (SHUT has gone out or
+    /// is about to: nothing may follow it, and the page has arrived).
+    fn request(&self, layout: &Layout, block: usize, start: u64, len: u64) -> bool {
         self.rp.with(|rp| {
-            if !rp.open {
-                return Ok(());
+            // Read under the lock: the stream context moves to END before it sends SHUT under
+            // this lock, so a request either precedes SHUT or sees END.
+            if self.state.get() == State::End {
+                return false;
+            }
+            if !rp.open || rp.broken {
+                // No source to ask (a replay), or the connection failed: the page comes in
+                // the stream, or the stream ends and the migration fails.
+                return true;
             }
             let len = len as u32;
             let msg = if rp.last_block == Some(block) {
@@ -338,10 +389,17 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
             } else {
                 RpMessage::ReqPagesId { start, len, block: &layout.blocks()[block].name }
             };
-            rp.send(msg).map_err(|SendFailed| FaultError::ReturnPath)?;
-            rp.last_block = Some(block);
-            self.counters.requests.fetch_add(1, Ordering::Relaxed);
-            Ok(())
+            match rp.send(msg) {
+                Ok(()) => {
+                    rp.last_block = Some(block);
+                    self.counters.requests.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(SendFailed) => {
+                    rp.broken = true;
+                    self.counters.unsent_requests.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            true
         })
     }
 }
