@@ -240,3 +240,62 @@ fn seed_v5_dialect_with_semi_sparse_discard() {
     let as_72 = run_stream(&s.bytes, 1 << 20, 1 << 20).result.unwrap_err();
     assert_eq!((as_72.field, as_72.defect), (Field::CommandId, Defect::Unknown { found: 20 }));
 }
+
+/// A return path whose `fail_at`-th message (counting from 0) cannot be sent.
+#[derive(Default)]
+struct FailingReturnPath {
+    sent: Vec<Vec<u8>>,
+    attempts: usize,
+    fail_at: usize,
+}
+
+impl agent::ports::ReturnPath for FailingReturnPath {
+    fn send(&mut self, message: &[u8]) -> Result<(), agent::ports::SendFailed> {
+        self.attempts += 1;
+        if self.attempts - 1 == self.fail_at {
+            return Err(agent::ports::SendFailed);
+        }
+        self.sent.push(message.to_vec());
+        Ok(())
+    }
+}
+
+#[test]
+fn a_request_that_cannot_be_sent_leaves_the_vcpu_waiting_for_the_stream() {
+    let stream = postcopy_stream(PAGES, 10..20);
+    let (before, after) = split_at_run(&stream);
+    let (received, requested) = (bitmap(8 << 30), bitmap(8 << 30));
+    // PONG 1-4 go out; the first page request fails.
+    let shared = Shared::new(&received, &requested, FailingReturnPath { fail_at: 4, ..Default::default() });
+    let mut engine = Engine::new(&shared, FakePorts::default(), EngineConfig::default());
+    feed_through_ring(&mut engine, before, 1 << 20, 1 << 20).unwrap();
+    let page = |p: u64| p * TARGET_PAGE_SIZE;
+    let fault = |p, vcpu| shared.on_guest_fault(page(p), Access::Read, vcpu);
+    assert_eq!(fault(12, 0), Ok(Fault::Wait { block: 0, offset: page(12) }), "waits, no error");
+    assert_eq!(fault(13, 1), Ok(Fault::Wait { block: 0, offset: page(13) }), "not tried again");
+    assert_eq!(shared.counters.unsent_requests.load(Ordering::Relaxed), 1);
+    assert_eq!(shared.counters.requests.load(Ordering::Relaxed), 0);
+    // The pages come in the stream anyway: both vCPUs are released, SHUT(0) goes out.
+    assert!(feed_through_ring(&mut engine, after, 1 << 20, 1 << 20).unwrap().finished);
+    let mut released = engine.ports().released.clone();
+    released.sort();
+    assert_eq!(released, [0, 1]);
+    let sent = shared.with_rp(|rp| rp_messages(&rp.port().sent));
+    assert_eq!(sent, ["Pong(1)", "Pong(2)", "Pong(3)", "Pong(4)", "Shut(0)"]);
+}
+
+#[test]
+fn a_fault_at_the_end_resumes_and_sends_nothing() {
+    // Every page arrived and SHUT went out: a vCPU whose walk still missed (its TLB, or a
+    // race with the last page) re-walks; it never requests a page after SHUT.
+    let stream = postcopy_stream(PAGES, 10..20);
+    let (received, requested) = (bitmap(8 << 30), bitmap(8 << 30));
+    let shared = Shared::new(&received, &requested, VecReturnPath::default());
+    let mut engine = Engine::new(&shared, FakePorts::default(), EngineConfig::default());
+    assert!(feed_through_ring(&mut engine, &stream, 1 << 20, 1 << 20).unwrap().finished);
+    let sent = shared.with_rp(|rp| rp.port().sent.len());
+    for p in 0..PAGES {
+        assert_eq!(shared.on_guest_fault(p * TARGET_PAGE_SIZE, Access::Write, 3), Ok(Fault::Resume));
+    }
+    assert_eq!(shared.with_rp(|rp| rp.port().sent.len()), sent, "nothing after SHUT");
+}

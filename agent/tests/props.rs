@@ -68,17 +68,27 @@ proptest! {
         let _ = agent::testing::run_stream_with(&s.bytes, 4096, 777, v5);
     }
 
+    /// A corrupted stream ends the same way through a small split ring as read whole: the
+    /// same typed error at the same offset (inside the stream), or a completion with every
+    /// page there; and the same memory, return path and counters either way.
     #[test]
-    fn mutated_valid_streams_fail_typed_or_complete(flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
+    fn mutated_streams_end_the_same_however_the_ring_splits_them(flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8), cap in 520usize..5000, chunk in 1usize..1500) {
         let mut stream = postcopy_stream(6, 1..4);
         for (at, byte) in flips {
             let i = at.index(stream.len());
             stream[i] = byte;
         }
-        let out = run_stream(&stream, 4096, 1500);
-        if let Err(e) = out.result {
-            prop_assert!(e.offset <= stream.len() as u64);
+        let whole = run_stream(&stream, 1 << 20, 1 << 20);
+        let split = run_stream(&stream, cap, chunk);
+        match &whole.result {
+            Err(e) => prop_assert!(e.offset <= stream.len() as u64, "{}", e),
+            Ok(p) => prop_assert!(p.finished),
         }
+        prop_assert_eq!(split.result, whole.result);
+        prop_assert_eq!(split.ports.memory.blocks, whole.ports.memory.blocks);
+        prop_assert_eq!(split.ports.device_state, whole.ports.device_state);
+        prop_assert_eq!(split.rp, whole.rp);
+        prop_assert_eq!(split.stats, whole.stats);
     }
 
     #[test]

@@ -573,15 +573,7 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
             return Ok(());
         }
         self.check_complete(at)?;
-        let _ = self.shared.state.transition(State::Running, State::End);
-        self.shared.with_rp(|rp| {
-            if rp.is_open() {
-                rp.send(RpMessage::Shut(0))
-                    .map_err(|_| Error::new(at, Field::ReturnPath, Defect::ReturnPathFailed))
-            } else {
-                Ok(())
-            }
-        })?;
+        self.shared.end().map_err(|_| Error::new(at, Field::ReturnPath, Defect::ReturnPathFailed))?;
         self.finished = true;
         Ok(())
     }

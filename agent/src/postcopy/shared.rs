@@ -369,6 +369,14 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
         Ok(Fault::Wait { block, offset })
     }
 
+    /// Stream context, the migration complete (every page arrived): RUNNING → END (a precopy
+    /// completion keeps its state), then SHUT(0) under the return-path lock, so no page
+    /// request can follow it.
+    pub fn end(&self) -> Result<(), SendFailed> {
+        let _ = self.state.transition(State::Running, State::End);
+        self.rp.with(|rp| if rp.open { rp.send(RpMessage::Shut(0)) } else { Ok(()) })
+    }
+
     /// Asks the source for a page; `false` if the migration has ended (SHUT has gone out or
     /// is about to: nothing may follow it, and the page has arrived).
     fn request(&self, layout: &Layout, block: usize, start: u64, len: u64) -> bool {
