@@ -292,3 +292,15 @@ fn the_layout_above_4_gib_maps_pages_at_4_gib() {
     let ram = out.ports.memory.block(b"pc.ram").unwrap();
     assert_eq!(ram.read(0x8000_0000, 4096), pattern_page(8), "re-sent after the discard");
 }
+
+/// The fuzz target's seed for layouts above 4 GiB is this file's stream (regenerate with
+/// `UPDATE_SEEDS=1 cargo test -p agent --test hostile_everywhere`).
+#[test]
+fn the_fuzz_seed_above_4_gib_is_current() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/seeds/q35-above-4gib.bin");
+    let stream = q35_above_4gib();
+    if std::env::var_os("UPDATE_SEEDS").is_some() {
+        std::fs::write(path, &stream).unwrap();
+    }
+    assert_eq!(std::fs::read(path).unwrap(), stream, "run with UPDATE_SEEDS=1");
+}

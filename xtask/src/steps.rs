@@ -35,8 +35,17 @@ fn steps() -> Vec<(&'static str, Step, Option<&'static str>)> {
             None,
         ),
         (
-            "agent for x86_64-unknown-none",
-            Step::Cargo(&["build", "-p", "agent", "--target", "x86_64-unknown-none"], &[]),
+            "agent and hal for x86_64-unknown-none (build)",
+            Step::Cargo(&["build", "-p", "agent", "-p", "hal", "--target", "x86_64-unknown-none"], &[]),
+            None,
+        ),
+        (
+            // The bare-metal-only code (INVEPT, MOVNTI placement) is linted only here.
+            "agent and hal for x86_64-unknown-none (clippy)",
+            Step::Cargo(
+                &["clippy", "-p", "agent", "-p", "hal", "--target", "x86_64-unknown-none", "--", "-D", "warnings"],
+                &[],
+            ),
             None,
         ),
         (
@@ -98,7 +107,8 @@ fn loom() -> bool {
 
 /// Builds the cargo-fuzz target (libFuzzer, coverage instrumentation, no sanitizer: that
 /// needs a nightly compiler) and runs it for 45 seconds, seeded from the real
-/// QEMU captures; new inputs go to `<target>/fuzz-corpus`, never into the captures.
+/// QEMU captures and `fuzz/seeds` (a q35 layout above 4 GiB); new inputs go to
+/// `<target>/fuzz-corpus`, never into the seeds.
 fn fuzz() -> bool {
     let Some(tools) = prereq::cargo_fuzz() else { return false };
     let path = std::env::join_paths(
@@ -115,7 +125,7 @@ fn fuzz() -> bool {
     run(fuzz_cmd(&["build", "-s", "none", "stream"]))
         && run({
             let mut cmd = fuzz_cmd(&["run", "-s", "none", "stream"]);
-            cmd.arg(&corpus).arg(root().join("agent/tests/captures"));
+            cmd.arg(&corpus).arg(root().join("agent/tests/captures")).arg(root().join("fuzz/seeds"));
             // An input that runs for 10 s is a hang: reported as a failure, not waited for.
             cmd.args(["--", "-max_total_time=45", "-max_len=65536", "-timeout=10"]);
             cmd

@@ -283,17 +283,26 @@ fn a_walker_in_another_thread_sees_whole_entries_only() {
     let hpa = |page: u64| Hpa((1 << 33) + page * PAGE_4K);
     std::thread::scope(|s| {
         let reader = s.spawn(|| {
-            let mut seen = 0;
-            while !done.load(std::sync::atomic::Ordering::Acquire) {
-                for page in (0..4096u64).step_by(97) {
+            // Every translation seen mid-edit is whole; the pass that starts after the owner
+            // is done must see every probed page (the last round leaves them all mapped).
+            let probes = (0..4096u64).step_by(97);
+            let mut passes = 0u64;
+            loop {
+                let finished = done.load(std::sync::atomic::Ordering::Acquire);
+                let mut seen = 0;
+                for page in probes.clone() {
                     if let Some(t) = walker.translate(Gpa(page * PAGE_4K + 8)) {
                         assert_eq!(t.hpa, Hpa(hpa(page).0 + 8));
                         assert_eq!(t.size, PageSize::Size4K);
                         seen += 1;
                     }
                 }
+                passes += 1;
+                if finished {
+                    assert_eq!(seen, probes.count(), "after the edits every probed page is mapped");
+                    return passes;
+                }
             }
-            seen
         });
         let mut count = CountingInvalidate::default();
         for round in 0..4 {
@@ -305,7 +314,7 @@ fn a_walker_in_another_thread_sees_whole_entries_only() {
             }
         }
         done.store(true, std::sync::atomic::Ordering::Release);
-        reader.join().unwrap();
+        assert!(reader.join().unwrap() >= 1);
     });
     assert_eq!(walker.translate(Gpa(5 * PAGE_4K)), table.translate(Gpa(5 * PAGE_4K)));
     assert!(walker.translate(Gpa(5 * PAGE_4K)).is_some());
