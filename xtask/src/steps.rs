@@ -43,7 +43,18 @@ fn steps() -> Vec<(&'static str, Step, Option<&'static str>)> {
             // The bare-metal-only code (INVEPT, MOVNTI placement) is linted only here.
             "agent and hal for x86_64-unknown-none (clippy)",
             Step::Cargo(
-                &["clippy", "-p", "agent", "-p", "hal", "--target", "x86_64-unknown-none", "--", "-D", "warnings"],
+                &[
+                    "clippy",
+                    "-p",
+                    "agent",
+                    "-p",
+                    "hal",
+                    "--target",
+                    "x86_64-unknown-none",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
                 &[],
             ),
             None,

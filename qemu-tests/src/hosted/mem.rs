@@ -5,6 +5,7 @@
 //! or one access to a mapping this module owns.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The page size of host mappings (x86-64 base pages).
 pub const PAGE: usize = 4096;
@@ -24,6 +25,13 @@ pub struct Mapping {
     ptr: *mut u8,
     len: usize,
 }
+
+// SAFETY: a `Mapping` is plain memory it owns (no thread affinity). Its safe `&self` methods
+// only read (`bytes`, `touch_read`); every `&self` method that writes is `unsafe`, and its
+// caller excludes the races.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// `mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS |
@@ -79,6 +87,49 @@ impl Mapping {
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `bytes`, and `&mut self` makes this the only reference.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// `len` bytes at `offset`, writable, through a shared reference (the hosted
+    /// destination's frames are shared with the vCPU threads).
+    ///
+    /// # Safety
+    ///
+    /// Nothing else reads or writes `offset..offset + len` while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice_mut(&self, offset: usize, len: usize) -> &mut [u8] {
+        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len), "slice out of range");
+        // SAFETY: the range lies inside our live mapping; the caller guarantees it is not
+        // accessed otherwise while the slice lives.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), len) }
+    }
+
+    /// The `u64` at `offset` (8-byte aligned), as a vCPU reads guest memory.
+    ///
+    /// # Safety
+    ///
+    /// No non-atomic write to these 8 bytes (a [`Self::slice_mut`] slice, `bytes_mut`) runs
+    /// concurrently.
+    pub unsafe fn load_u64(&self, offset: usize) -> u64 {
+        // SAFETY: `word` checks range and alignment; the caller excludes non-atomic races.
+        unsafe { AtomicU64::from_ptr(self.word(offset)) }.load(Ordering::Relaxed)
+    }
+
+    /// Stores `value` at `offset` (8-byte aligned), as a vCPU writes guest memory.
+    ///
+    /// # Safety
+    ///
+    /// No other non-atomic access to these 8 bytes (a slice from [`Self::bytes`],
+    /// [`Self::slice_mut`], `bytes_mut`) runs concurrently.
+    pub unsafe fn store_u64(&self, offset: usize, value: u64) {
+        // SAFETY: as in `load_u64`.
+        unsafe { AtomicU64::from_ptr(self.word(offset)) }.store(value, Ordering::Relaxed)
+    }
+
+    /// The aligned word at `offset`, checked to lie inside the mapping.
+    fn word(&self, offset: usize) -> *mut u64 {
+        assert!(offset.is_multiple_of(8) && offset + 8 <= self.len, "word out of range");
+        // SAFETY: in bounds (checked above) of our live mapping.
+        unsafe { self.ptr.add(offset).cast() }
     }
 
     /// Reads the `u64` at `offset` with a volatile load: the "touch" of a page.

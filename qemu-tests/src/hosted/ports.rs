@@ -1,11 +1,12 @@
 //! The agent's ports over host memory: guest RAM frames in host memory, behind a real EPT or
-//! NPT table (`hal::stage2`, the code the hypervisor runs) that the stream context edits in
-//! place while the simulated vCPUs walk it on every access, lock-free, as the hardware
-//! would; and a wake-up token per vCPU.
+//! NPT table (`hal::stage2`, the code the hypervisor runs) whose leaves hold the frames' host
+//! addresses. The stream context edits the table in place while the simulated vCPUs walk it
+//! on every access, lock-free, as the hardware would, and read or write the frame the walk
+//! ends in; and a wake-up token per vCPU.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use crate::hosted::mem::Mapping;
 use agent::ports::{DeviceStateSink, GuestMemory, PageWaiters, Refused, ReturnPath, SendFailed, Stage2};
@@ -13,26 +14,33 @@ use hal::stage2::{
     Flush, Format, FramePool, Gpa, Hpa, Invalidate, Perms, Scope, TablePage, Translation, Walker,
 };
 
-/// Host "physical" address of the first guest frame; blocks follow, each 2 MiB aligned.
-const FRAMES_BASE: u64 = 1 << 30;
-/// Host "physical" address of the table pages (apart from the frames).
-const TABLES_BASE: u64 = 1 << 40;
+/// Host "physical" address of the table pages: apart from the frames (host addresses below
+/// 2^47), never dereferenced (the walker reads table pages from the slab).
+const TABLES_BASE: u64 = 1 << 50;
 const TWO_MIB: u64 = 2 << 20;
 
 /// What the vCPUs share of the stage-2 table: a lock-free walker (the stream context owns
 /// the table itself and edits it in place, through the entries' atomics, as the hypervisor
-/// does while the hardware walks), and counters.
+/// does while the hardware walks), the guest frames the table's leaves point at, and
+/// counters.
 #[derive(Debug)]
 pub struct SharedTable<F: Format> {
     walker: OnceLock<Walker<'static, F>>,
+    /// Every block's frames, fixed when the table is built (all blocks are declared by then).
+    frames: OnceLock<Vec<Arc<Mapping>>>,
     /// Bytes of guest frames declared so far (sizes the table pool).
-    frames: AtomicU64,
+    frame_bytes: AtomicU64,
     invalidations: AtomicU64,
 }
 
 impl<F: Format> Default for SharedTable<F> {
     fn default() -> Self {
-        Self { walker: OnceLock::new(), frames: AtomicU64::new(0), invalidations: AtomicU64::new(0) }
+        Self {
+            walker: OnceLock::new(),
+            frames: OnceLock::new(),
+            frame_bytes: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+        }
     }
 }
 
@@ -42,15 +50,46 @@ impl<F: Format> SharedTable<F> {
         self.walker.get()?.translate(Gpa(gpa))
     }
 
+    /// A vCPU reads the 8-byte word at `gpa` (8-byte aligned) through the table: the walk,
+    /// then a load from the frame the leaf names. `None` is an EPT violation / #NPF.
+    pub fn read(&self, gpa: u64) -> Option<u64> {
+        let (frame, offset) = self.frame(gpa)?;
+        // SAFETY: the page is mapped, so the stream context no longer writes it (it writes a
+        // frame only before its `map` publishes it, and never again after LISTEN); vCPU
+        // accesses are atomic; the dump reads frames after every vCPU has stopped.
+        Some(unsafe { frame.load_u64(offset) })
+    }
+
+    /// A vCPU writes `value` to the 8-byte word at `gpa` through the table; `false` is an
+    /// EPT violation / #NPF (nothing written).
+    pub fn write(&self, gpa: u64, value: u64) -> bool {
+        let Some((frame, offset)) = self.frame(gpa) else { return false };
+        // SAFETY: as in `read`.
+        unsafe { frame.store_u64(offset, value) };
+        true
+    }
+
+    /// The frame and offset a walk of `gpa` ends in.
+    fn frame(&self, gpa: u64) -> Option<(&Mapping, usize)> {
+        let hpa = self.translate(gpa)?.hpa.0;
+        let frames = self.frames.get()?;
+        let frame = frames.iter().find(|m| (m.addr()..m.addr() + m.len() as u64).contains(&hpa));
+        // The table maps nothing but these frames: anything else is a table bug.
+        let frame =
+            frame.unwrap_or_else(|| panic!("stage-2 leaf for {gpa:#x} points outside guest RAM: {hpa:#x}"));
+        Some((frame, (hpa - frame.addr()) as usize))
+    }
+
     /// Invalidations the edits asked for (one per discard command that unmapped something).
     pub fn invalidations(&self) -> u64 {
         self.invalidations.load(Ordering::Relaxed)
     }
 
-    /// A new table, sized for all the guest RAM declared so far mapped with 4 KiB pages, its
-    /// walker published for the vCPUs.
-    fn build(&self) -> hal::stage2::Stage2<'static, F> {
-        let ram = self.frames.load(Ordering::Acquire);
+    /// A new table over `frames`, sized for them all mapped with 4 KiB pages, its walker
+    /// published for the vCPUs.
+    fn build(&self, frames: Vec<Arc<Mapping>>) -> hal::stage2::Stage2<'static, F> {
+        let _ = self.frames.set(frames);
+        let ram = self.frame_bytes.load(Ordering::Acquire);
         // One page table per 2 MiB, plus the upper levels of up to 8 regions.
         let tables = (ram / TWO_MIB) as usize + 64;
         // One process, one table: the slab lives as long as the process.
@@ -126,23 +165,30 @@ impl Wakeups {
 }
 
 /// A RAMBlock's frames: anonymous memory with transparent huge pages allowed, as a VMM
-/// backs guest RAM (QEMU does the same), so the first touch of each 2 MiB faults once.
+/// backs guest RAM (QEMU does the same), so the first touch of each 2 MiB faults once. The
+/// vCPUs reach the same memory through the stage-2 table.
 #[derive(Debug)]
 pub struct GuestRam {
     /// The block's idstr.
     pub name: Vec<u8>,
-    ram: Mapping,
+    ram: Arc<Mapping>,
     len: usize,
 }
 
 impl GuestRam {
-    /// The block's contents.
+    /// The block's contents. Read them only while no vCPU runs (after the vCPU threads
+    /// have stopped): a vCPU may be writing guest memory.
     pub fn bytes(&self) -> &[u8] {
         &self.ram.bytes()[..self.len]
     }
 
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.ram.bytes_mut()[..self.len]
+    /// `len` bytes at `offset`, for the stream context to fill.
+    fn page_mut(&mut self, offset: u64, len: usize) -> &mut [u8] {
+        let at = offset as usize;
+        assert!(at + len <= self.len, "write outside the block");
+        // SAFETY: the agent writes only pages that no vCPU can reach: not mapped for the
+        // guest (or before RUN, when no vCPU runs); see `GuestMemory::write`.
+        unsafe { self.ram.slice_mut(at, len) }
     }
 }
 
@@ -159,8 +205,6 @@ pub struct HostPorts<'s, F: Format> {
     wakeups: &'s Wakeups,
     /// Unmaps of the current discard command, flushed together.
     pending: Option<Flush<F>>,
-    /// Host-physical base of each block's frames.
-    bases: Vec<u64>,
 }
 
 impl<'s, F: Format> HostPorts<'s, F> {
@@ -173,7 +217,6 @@ impl<'s, F: Format> HostPorts<'s, F> {
             table: None,
             wakeups,
             pending: None,
-            bases: Vec::new(),
         }
     }
 
@@ -181,7 +224,7 @@ impl<'s, F: Format> HostPorts<'s, F> {
     /// guest RAM is physical memory: it never faults).
     pub fn prefault(&mut self) {
         for block in &mut self.blocks {
-            for page in block.bytes_mut().chunks_mut(4096) {
+            for page in block.page_mut(0, block.len).chunks_mut(4096) {
                 page[0] = 0;
             }
         }
@@ -196,36 +239,34 @@ impl<F: Format> GuestMemory for HostPorts<'_, F> {
             if bytes == 0 { Mapping::anon(4096) } else { Mapping::anon(bytes) }.map_err(|_| Refused)?;
         // Best effort: without THP the frames are still correct, only slower to fault in.
         let _ = ram.madvise(0, ram.len(), libc::MADV_HUGEPAGE);
-        self.blocks.push(GuestRam { name: name.to_vec(), ram, len: bytes });
-        let base = FRAMES_BASE + self.shared.frames.load(Ordering::Acquire);
-        self.bases.push(base);
-        self.shared.frames.fetch_add(len.next_multiple_of(TWO_MIB), Ordering::AcqRel);
+        self.blocks.push(GuestRam { name: name.to_vec(), ram: Arc::new(ram), len: bytes });
+        self.shared.frame_bytes.fetch_add(len.next_multiple_of(TWO_MIB), Ordering::AcqRel);
         Ok(())
     }
 
     fn write(&mut self, block: usize, offset: u64, data: &[u8]) {
-        let at = offset as usize;
         // The hypervisor's page placement: non-temporal stores, then a fence, so the page is
         // complete in memory before `map` publishes it.
-        hal::mem::copy_nontemporal(&mut self.blocks[block].bytes_mut()[at..at + data.len()], data);
+        hal::mem::copy_nontemporal(self.blocks[block].page_mut(offset, data.len()), data);
     }
 
     fn fill(&mut self, block: usize, offset: u64, len: u64, byte: u8) {
-        let (at, len) = (offset as usize, len as usize);
-        self.blocks[block].bytes_mut()[at..at + len].fill(byte);
+        self.blocks[block].page_mut(offset, len as usize).fill(byte);
     }
 }
 
 impl<F: Format> HostPorts<'_, F> {
     fn table(&mut self) -> &mut hal::stage2::Stage2<'static, F> {
         let shared = self.shared;
-        self.table.get_or_insert_with(|| shared.build())
+        let frames = &self.blocks;
+        self.table.get_or_insert_with(|| shared.build(frames.iter().map(|b| b.ram.clone()).collect()))
     }
 }
 
 impl<F: Format> Stage2 for HostPorts<'_, F> {
     fn map(&mut self, gpa: u64, block: usize, offset: u64) {
-        let hpa = Hpa(self.bases[block] + offset);
+        // The leaf holds the frame's real (host) address: the vCPUs load and store through it.
+        let hpa = Hpa(self.blocks[block].ram.addr() + offset);
         let flush = self.table().map_4k(Gpa(gpa), hpa, Perms::RWX);
         // Mapping a not-present entry needs no invalidation; the token says so.
         flush.expect("map a received page").flush(&mut CountInvalidations(&self.shared.invalidations));

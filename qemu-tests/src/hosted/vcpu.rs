@@ -1,6 +1,7 @@
-//! A simulated vCPU: after RUN it touches guest pages, each access walking the stage-2
-//! table, and a not-present entry is an exit into the agent (the EPT violation / #NPF of
-//! the hypervisor).
+//! A simulated vCPU: after RUN it reads (and, when asked, writes) guest memory, each access
+//! walking the stage-2 table to the frame it maps; a not-present entry is an exit into the
+//! agent (the EPT violation / #NPF of the hypervisor). What it read and wrote is kept, so the
+//! destination can check at the end that every value a vCPU saw is what the page holds.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -20,8 +21,20 @@ pub enum Touch {
     Seq,
 }
 
-/// What a vCPU saw.
-#[derive(Debug, Default, Clone, Copy)]
+/// How a vCPU behaves.
+#[derive(Clone, Copy, Debug)]
+pub struct Behaviour {
+    /// Which pages it touches.
+    pub touch: Touch,
+    /// Seed of its access order and offsets.
+    pub seed: u64,
+    /// Whether one access in three writes (off: every access reads, so guest RAM at the end
+    /// is exactly what the stream carried).
+    pub writes: bool,
+}
+
+/// What a vCPU saw and did.
+#[derive(Debug, Default, Clone)]
 pub struct VcpuReport {
     /// Accesses that found their page mapped.
     pub hits: u64,
@@ -29,18 +42,26 @@ pub struct VcpuReport {
     pub faults: u64,
     /// Faults that had to wait for the page.
     pub waits: u64,
+    /// (guest-physical address, value) of every 8-byte read.
+    pub reads: Vec<(u64, u64)>,
+    /// (guest-physical address, value) of every 8-byte write.
+    pub writes: Vec<(u64, u64)>,
 }
 
+/// Bytes at the start of each page where vCPU `v` writes (at `8 * v`); reads stay above them
+/// when writes are on, so a read never races another vCPU's write.
+const WRITE_AREA: u64 = 8 * agent::config::MAX_VCPUS as u64;
+
 /// Runs vCPU `index` until every guest page was touched or `stop` is set. Every access
-/// walks the stage-2 table; a missing entry is an exit into the agent. Returns an error
-/// string for a fault the agent refused, or a page still unmapped after its release.
+/// walks the stage-2 table and loads from (or stores to) the frame it ends in; a missing
+/// entry is an exit into the agent. Returns an error string for a fault the agent refused,
+/// or a page still unmapped after its release.
 pub fn run<R: ReturnPath + Send, F: Format>(
     index: usize,
     shared: &Shared<'_, R>,
     table: &SharedTable<F>,
     wakeups: &Wakeups,
-    touch: Touch,
-    seed: u64,
+    behaviour: Behaviour,
     stop: &AtomicBool,
 ) -> Result<VcpuReport, String> {
     let mut report = VcpuReport::default();
@@ -54,18 +75,30 @@ pub fn run<R: ReturnPath + Send, F: Format>(
     let Some(layout) = shared.layout() else { return Ok(report) };
     let pages: Vec<u64> = layout.regions().iter().flat_map(region_pages).collect();
     let mut order: Vec<usize> = (0..pages.len()).collect();
-    let mut rng = seed | 1;
-    if touch == Touch::Random {
+    let mut rng = behaviour.seed | 1;
+    if behaviour.touch == Touch::Random {
         shuffle(&mut order, &mut rng);
     }
+    let tag = 0xc0de_0000_0000_0000 | (index as u64) << 40;
     for i in order {
         if stop.load(Ordering::Acquire) {
             break;
         }
-        let gpa = pages[i] + (next(&mut rng) & 0xff8);
-        let access = if next(&mut rng).is_multiple_of(3) { Access::Write } else { Access::Read };
+        let write = behaviour.writes && next(&mut rng).is_multiple_of(3);
+        let (gpa, access) = if write {
+            (pages[i] + 8 * index as u64, Access::Write)
+        } else {
+            let low = if behaviour.writes { WRITE_AREA } else { 0 };
+            (pages[i] + low + (next(&mut rng) % ((4096 - low) / 8)) * 8, Access::Read)
+        };
         loop {
-            if table.translate(gpa).is_some() {
+            let done = if write {
+                let value = tag | (gpa >> 12);
+                table.write(gpa, value).then(|| report.writes.push((gpa, value)))
+            } else {
+                table.read(gpa).map(|value| report.reads.push((gpa, value)))
+            };
+            if done.is_some() {
                 report.hits += 1;
                 break;
             }

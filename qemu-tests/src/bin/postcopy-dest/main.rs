@@ -4,13 +4,16 @@
 //! postcopy-dest (--listen unix:PATH | --listen tcp:HOST:PORT | --input FILE)
 //!               [--dump-dir DIR] [--touch random|seq] [--vcpus N] [--stage2 ept|npt]
 //!               [--record FILE] [--dialect qemu72|v5] [--machine NAME] [--seed N]
+//!               [--guest-writes]
 //! ```
 //!
 //! It accepts one connection from a QEMU source (the return path is the same connection) or
 //! replays a recorded stream, runs the agent's engine over host memory behind a real EPT (or
-//! NPT) table built by `hal::stage2`, and after RUN lets simulated vCPUs touch pages that
-//! have not arrived: each access walks the table, and a missing entry is an exit into the
-//! agent, so page requests really happen. The
+//! NPT) table built by `hal::stage2`, and after RUN lets simulated vCPUs read (and with
+//! `--guest-writes` write) guest memory: each access walks the table to the frame it maps,
+//! and a missing entry is an exit into the agent, so page requests really happen. At the end
+//! every value a vCPU read must be what its page holds, and every guest write must still be
+//! there (no late page overwrote it). The
 //! last stdout line is a JSON summary; the exit status is 0 only for a completed migration.
 
 use std::fs::File;
@@ -26,7 +29,7 @@ use agent::wire::command::Dialect;
 
 use hal::stage2::{Ept, Format, Npt};
 use qemu_tests::hosted::ports::{GuestRam, HostPorts, SharedTable, SocketReturnPath, Wakeups};
-use qemu_tests::hosted::vcpu::{self, Touch, VcpuReport};
+use qemu_tests::hosted::vcpu::{self, Behaviour, Touch, VcpuReport};
 
 /// Guest RAM the page bitmaps cover.
 const MAX_GUEST_RAM: u64 = 64 << 30;
@@ -49,6 +52,7 @@ struct Args {
     machine: Option<String>,
     seed: u64,
     npt: bool,
+    guest_writes: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -63,6 +67,7 @@ fn parse_args() -> Result<Args, String> {
         machine: None,
         seed: 1,
         npt: false,
+        guest_writes: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -108,6 +113,7 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--seed" => args.seed = value()?.parse().map_err(|_| "--seed: a number")?,
+            "--guest-writes" => args.guest_writes = true,
             "-h" | "--help" => {
                 println!("{}", USAGE);
                 std::process::exit(0);
@@ -121,7 +127,7 @@ fn parse_args() -> Result<Args, String> {
 
 const USAGE: &str = "usage: postcopy-dest (--listen unix:PATH | --listen tcp:HOST:PORT | --input FILE) \
 [--dump-dir DIR] [--touch random|seq] [--vcpus N] [--stage2 ept|npt] [--record FILE] [--dialect qemu72|v5] \
-[--machine NAME] [--seed N]";
+[--machine NAME] [--seed N] [--guest-writes]";
 
 /// The byte source and, for a connection, its write half for the return path.
 type Connection = (Box<dyn Read + Send>, Option<Box<dyn Write + Send>>);
@@ -157,6 +163,7 @@ struct Outcome {
     state: &'static str,
     faults: u64,
     requests: u64,
+    unsent_requests: u64,
     invalidations: u64,
     vcpus: Vec<VcpuReport>,
 }
@@ -190,10 +197,12 @@ fn run_on<F: Format>(args: &Args) -> Result<Outcome, String> {
             .map(|i| {
                 let (shared, table, wakeups, stop) = (&shared, &table, &wakeups, &stop);
                 let seed = args.seed.wrapping_add(i as u64 * 0x9e37_79b9);
-                s.spawn(move || vcpu::run(i, shared, table, wakeups, args.touch, seed, stop))
+                let behaviour = Behaviour { touch: args.touch, seed, writes: args.guest_writes };
+                s.spawn(move || vcpu::run(i, shared, table, wakeups, behaviour, stop))
             })
             .collect();
-        let result = receive(&mut engine, input, record);
+        let describe = |e: agent::Error| describe(e, &shared);
+        let result = receive(&mut engine, input, record, &describe);
         stop.store(true, Ordering::Release);
         let vcpus: Result<Vec<_>, String> = handles
             .into_iter()
@@ -204,9 +213,16 @@ fn run_on<F: Format>(args: &Args) -> Result<Outcome, String> {
     result?;
     let seconds = started.elapsed().as_secs_f64();
     let vcpus = vcpus?;
+    // Every vCPU has stopped: guest memory is still. (Without a block list no vCPU ran.)
+    if let Some(layout) = shared.layout() {
+        check_guest_view(layout, &engine.ports().blocks, &vcpus)?;
+    }
     if let Some(dir) = &args.dump_dir {
         let ports = engine.ports();
         dump(dir, &ports.blocks, &ports.device_state)?;
+        if let (true, Some(layout)) = (args.guest_writes, shared.layout()) {
+            dump_guest_writes(dir, layout, &vcpus)?;
+        }
     }
     Ok(Outcome {
         seconds,
@@ -214,9 +230,69 @@ fn run_on<F: Format>(args: &Args) -> Result<Outcome, String> {
         state: shared.state.get().name(),
         faults: shared.counters.faults.load(Ordering::Relaxed),
         requests: shared.counters.requests.load(Ordering::Relaxed),
+        unsent_requests: shared.counters.unsent_requests.load(Ordering::Relaxed),
         invalidations: table.invalidations(),
         vcpus,
     })
+}
+
+/// The one-line error for a stream error, with the block's name where it names a block.
+fn describe<R: agent::ports::ReturnPath>(e: agent::Error, shared: &Shared<'_, R>) -> String {
+    match (e.defect, shared.layout()) {
+        (agent::Defect::PagesMissing { block, .. }, Some(layout)) => {
+            let name = layout.blocks().get(block).map(|b| String::from_utf8_lossy(&b.name).into_owned());
+            format!("{e} ({})", name.unwrap_or_default())
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// The 8-byte word of guest RAM at `gpa`, as the blocks hold it now.
+fn word_at(layout: &agent::layout::Layout, blocks: &[GuestRam], gpa: u64) -> Option<u64> {
+    let (block, offset) = layout.gpa_to_block(gpa)?;
+    let bytes = blocks.get(block)?.bytes().get(offset as usize..offset as usize + 8)?;
+    Some(u64::from_le_bytes(bytes.try_into().ok()?))
+}
+
+/// Every value a vCPU read is what its page holds at the end (a page is placed once and
+/// mapped only when complete, and reads never touch the words the guest writes), and every
+/// guest write is still there (no late arrival overwrote it).
+fn check_guest_view(
+    layout: &agent::layout::Layout,
+    blocks: &[GuestRam],
+    vcpus: &[VcpuReport],
+) -> Result<(), String> {
+    for (v, report) in vcpus.iter().enumerate() {
+        for (kind, accesses) in [("read", &report.reads), ("wrote", &report.writes)] {
+            for &(gpa, value) in accesses {
+                let now = word_at(layout, blocks, gpa);
+                if now != Some(value) {
+                    return Err(format!(
+                        "vCPU {v} {kind} {value:#x} at {gpa:#x}, but guest RAM holds {now:x?} there at the end"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `DIR/guest-writes.txt`: one line per guest write, `<block> <offset> <value>` (hex), for
+/// comparing the rest of guest RAM with a reference.
+fn dump_guest_writes(
+    dir: &std::path::Path,
+    layout: &agent::layout::Layout,
+    vcpus: &[VcpuReport],
+) -> Result<(), String> {
+    let mut lines = String::new();
+    for &(gpa, value) in vcpus.iter().flat_map(|r| &r.writes) {
+        let (block, offset) =
+            layout.gpa_to_block(gpa).ok_or(format!("guest write outside RAM at {gpa:#x}"))?;
+        let name = String::from_utf8_lossy(&layout.blocks()[block].name).into_owned();
+        lines += &format!("{name} {offset:#x} {value:#x}\n");
+    }
+    let path = dir.join("guest-writes.txt");
+    std::fs::write(&path, lines).map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 /// One bit per 4 KiB page of `bytes` of guest RAM.
@@ -232,13 +308,22 @@ fn receive<R: agent::ports::ReturnPath, F: Format>(
     engine: &mut Engine<'_, '_, '_, R, HostPorts<'_, F>>,
     input: Box<dyn Read + Send>,
     record: Option<File>,
+    describe: &dyn Fn(agent::Error) -> String,
 ) -> Result<(), String> {
     let (full, recycled) = spawn_reader(input, record);
     // The unconsumed end of the previous buffer: at most a record header (payload bytes are
     // always consumed as they come).
     let mut carry: Vec<u8> = Vec::new();
     for chunk in full.iter() {
-        let chunk = chunk?;
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                // The stream is cut: the engine ends it (flushing, SHUT(1)); the read error
+                // is the one to report.
+                let _ = engine.end_of_input();
+                return Err(e);
+            }
+        };
         if chunk.is_empty() {
             break;
         }
@@ -249,7 +334,7 @@ fn receive<R: agent::ports::ReturnPath, F: Format>(
             } else {
                 engine.receive(&carry, &chunk[at..])
             }
-            .map_err(|e| e.to_string())?;
+            .map_err(describe)?;
             if p.finished {
                 return Ok(());
             }
@@ -265,12 +350,12 @@ fn receive<R: agent::ports::ReturnPath, F: Format>(
         let _ = recycled.send(chunk);
     }
     loop {
-        let p = engine.receive(&carry, &[]).map_err(|e| e.to_string())?;
+        let p = engine.receive(&carry, &[]).map_err(describe)?;
         if p.finished {
             return Ok(());
         }
         if p.consumed == 0 {
-            return engine.end_of_input().map(drop).map_err(|e| e.to_string());
+            return engine.end_of_input().map(drop).map_err(describe);
         }
         carry.drain(..p.consumed);
     }
@@ -365,8 +450,11 @@ fn main() {
                 "discarded_pages": s.discarded_pages,
                 "duplicate_pages": s.duplicate_pages,
                 "page_requests": o.requests,
+                "unsent_requests": o.unsent_requests,
                 "faults": o.faults,
                 "vcpu_waits": waits,
+                "guest_reads_checked": o.vcpus.iter().map(|v| v.reads.len()).sum::<usize>(),
+                "guest_writes": o.vcpus.iter().map(|v| v.writes.len()).sum::<usize>(),
                 "stage2_invalidations": o.invalidations,
                 "device_state_bytes": s.device_state_bytes,
                 "bytes": s.bytes,
