@@ -73,6 +73,8 @@ pub struct DestOptions {
     pub vcpus: Option<usize>,
     /// `--stage2 ept|npt`: the table format the vCPUs walk.
     pub stage2: Option<String>,
+    /// `--guest-writes`: the vCPUs also write guest memory.
+    pub guest_writes: bool,
 }
 
 impl DestOptions {
@@ -103,6 +105,9 @@ impl DestOptions {
         }
         if let Some(s) = &self.stage2 {
             push("--stage2", s.clone());
+        }
+        if self.guest_writes {
+            args.push("--guest-writes".to_string());
         }
         args
     }

@@ -32,3 +32,45 @@ pub fn qemu_load(source: &SourceVmBuilder, stream: &Path, timeout: Duration) -> 
     vm.quit()?;
     Ok(ram)
 }
+
+/// Every RAMBlock of a stream as QEMU 7.2 holds it after loading the stream: QEMU's
+/// destination (as in [`qemu_load`]) loads `stream`, then migrates itself, paused, to a file
+/// in precopy; that second stream carries every page of every block (`pc.ram`, `pc.bios`,
+/// the option ROMs, the fw_cfg blobs, video RAM), and is decoded here by the agent (whose
+/// precopy decoding the captures' hashes check independently). Block idstr → contents.
+pub fn qemu_load_blocks(
+    source: &SourceVmBuilder,
+    stream: &Path,
+    timeout: Duration,
+) -> Result<std::collections::BTreeMap<String, Vec<u8>>> {
+    let stream = std::path::absolute(stream)?;
+    let dir = tempfile::Builder::new().prefix("oracle-").tempdir()?;
+    let out = dir.path().join("reference.bin");
+    let (input, output) = (stream.display().to_string(), out.display().to_string());
+    if input.contains('\'') || output.contains('\'') {
+        bail!("qemu_load_blocks: paths must not contain a quote");
+    }
+    let mut vm = source.clone().incoming("defer").spawn()?;
+    vm.set_capabilities(&[("postcopy-ram", true)])?;
+    vm.execute("migrate-incoming", json!({ "uri": format!("exec:cat '{input}'") }))?;
+    vm.wait_status(&["completed"], timeout)
+        .map_err(|e| crate::Error(format!("QEMU could not load {input}: {e}; {}", vm.stderr())))?;
+    // An exec: migration has no return path, which postcopy-ram would require.
+    vm.set_capabilities(&[("postcopy-ram", false)])?;
+    vm.execute("migrate", json!({ "uri": format!("exec:cat > '{output}'") }))?;
+    vm.wait_status(&["completed"], timeout)
+        .map_err(|e| crate::Error(format!("QEMU could not save its RAM: {e}; {}", vm.stderr())))?;
+    vm.quit()?;
+    let bytes = std::fs::read(&out)?;
+    let decoded = agent::testing::run_stream(&bytes, 1 << 20, 1 << 20);
+    if let Err(e) = decoded.result {
+        bail!("decoding QEMU's own stream of its loaded RAM: {e}");
+    }
+    Ok(decoded
+        .ports
+        .memory
+        .blocks
+        .iter()
+        .map(|b| (String::from_utf8_lossy(&b.name).into_owned(), b.bytes()))
+        .collect())
+}

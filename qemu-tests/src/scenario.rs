@@ -1,14 +1,16 @@
 //! One end-to-end migration: a QEMU source running the dirty guest migrates into
-//! `postcopy-dest` through a recording [`Relay`]. Afterwards the destination's dump of
-//! main RAM is compared with what QEMU's own destination loads from the recorded stream
-//! (see [`crate::oracle`]), and, for information, with the (paused) source's RAM.
+//! `postcopy-dest` through a recording [`Relay`]. Afterwards the destination's dump of every
+//! RAMBlock is compared, byte for byte, with what QEMU 7.2's own destination holds after
+//! loading the same recorded stream ([`crate::oracle::qemu_load_blocks`]), with the
+//! destination's guest writes (`--guest-writes`) applied to that reference; and, for
+//! information, its main RAM with the (paused) source's.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::dest::{Dest, DestOptions, Summary};
 use crate::guest::{build_dirty_guest, GuestStatus};
-use crate::oracle::qemu_load;
+use crate::oracle::qemu_load_blocks;
 use crate::ram::{diff_pages, sha256_hex, zero_holes};
 use crate::relay::{Endpoint, Relay};
 use crate::source::{Machine, MigrationInfo, SourceVm};
@@ -45,6 +47,8 @@ pub struct Scenario {
     pub progress: bool,
     /// The destination listens on `tcp:127.0.0.1:PORT` instead of a unix socket.
     pub tcp: bool,
+    /// `--guest-writes`: the destination's vCPUs write guest memory after RUN.
+    pub guest_writes: bool,
 }
 
 impl Scenario {
@@ -66,6 +70,7 @@ impl Scenario {
             timeout: Duration::from_secs(60),
             progress: false,
             tcp: false,
+            guest_writes: false,
         }
     }
 
@@ -105,15 +110,21 @@ pub struct Outcome {
     pub saw_postcopy_active: bool,
     /// The guest's status page on the source at the end.
     pub guest: GuestStatus,
-    /// `None` if the dump of main RAM equals what QEMU's destination loads from the same
-    /// stream, else what differs. This is the verdict.
+    /// `None` if every RAMBlock dumped equals what QEMU's destination holds after loading
+    /// the same stream (with the guest's writes applied), else the first block that differs
+    /// and how. This is the verdict.
     pub ram_diff: Option<String>,
+    /// RAMBlocks compared.
+    pub blocks_compared: usize,
+    /// Pages the destination's vCPUs wrote: their writes were applied to the reference, so
+    /// those words must hold the guest's values and the rest of each page the stream's.
+    pub guest_written_pages: usize,
     /// `None` if the dump equals the source's RAM at the end, else what differs (for
     /// information: the TCG source can lose dirty bits, see [`crate::oracle`]).
     pub source_diff: Option<String>,
-    /// Bytes of main RAM compared.
+    /// Bytes compared, all blocks.
     pub ram_bytes: usize,
-    /// SHA-256 of the reference RAM (QEMU's load of the stream; holes zeroed).
+    /// SHA-256 of the reference main RAM block (QEMU's load of the stream, whole block).
     pub reference_ram_sha256: String,
     /// The stream as the relay saw it: length and SHA-256.
     pub stream_bytes: u64,
@@ -157,6 +168,7 @@ pub fn run(dest_bin: &Path, sc: &Scenario) -> Result<Outcome> {
         record: sc.record.clone(),
         vcpus: sc.vcpus,
         stage2: sc.stage2.clone(),
+        guest_writes: sc.guest_writes,
         ..DestOptions::default()
     };
     let mut dest = Dest::spawn(dest_bin, &opts)?;
@@ -244,25 +256,66 @@ pub fn run(dest_bin: &Path, sc: &Scenario) -> Result<Outcome> {
     let _ = vm.quit();
 
     let block = sc.machine.ram_block();
-    let dump_path = dump_dir.join(dump_file_name(block));
-    let mut got = match std::fs::read(&dump_path) {
-        Ok(d) => d,
-        Err(e) => bail!("postcopy-dest did not dump {block} to {}: {e}", dump_path.display()),
-    };
+    let mut reference = qemu_load_blocks(&builder, &stream, Duration::from_secs(60))?;
+    let Some(main) = reference.get(block) else { bail!("QEMU's load has no {block} block") };
+    let reference_ram_sha256 = sha256_hex(main);
+    let guest_written_pages = apply_guest_writes(&dump_dir, &mut reference)?;
+    let mut ram_diff = None;
+    let mut ram_bytes = 0;
+    for (name, want) in &reference {
+        let path = dump_dir.join(dump_file_name(name));
+        let got = match std::fs::read(&path) {
+            Ok(d) => d,
+            Err(e) => bail!("postcopy-dest did not dump {name} to {}: {e}", path.display()),
+        };
+        ram_bytes += want.len();
+        if ram_diff.is_none() {
+            ram_diff = diff_pages(want, &got).map(|d| format!("{name}: {d}"));
+        }
+    }
+    let mut got = std::fs::read(dump_dir.join(dump_file_name(block)))?;
     zero_holes(&mut got, sc.machine.ram_holes());
-    let reference = qemu_load(&builder, &stream, Duration::from_secs(60))?;
     Ok(Outcome {
         summary,
         source,
         saw_postcopy_active,
         guest: guest_status,
-        ram_diff: diff_pages(&reference, &got),
+        ram_diff,
+        blocks_compared: reference.len(),
+        guest_written_pages,
         source_diff: diff_pages(&source_ram, &got),
-        ram_bytes: reference.len(),
-        reference_ram_sha256: sha256_hex(&reference),
+        ram_bytes,
+        reference_ram_sha256,
         stream_bytes,
         stream_sha256: sha256_hex(&std::fs::read(&stream)?),
         return_path_bytes,
         dest_stdout: outcome.stdout,
     })
+}
+
+/// Applies the destination's `guest-writes.txt` (`<block> <offset> <value>`, hex) to the
+/// reference blocks; returns how many distinct pages the guest wrote.
+fn apply_guest_writes(
+    dump_dir: &Path,
+    reference: &mut std::collections::BTreeMap<String, Vec<u8>>,
+) -> Result<usize> {
+    let Ok(text) = std::fs::read_to_string(dump_dir.join("guest-writes.txt")) else { return Ok(0) };
+    let mut pages = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+        let (name, offset, value) = match line.split_whitespace().collect::<Vec<_>>()[..] {
+            [n, o, v] => (n, hex(o), hex(v)),
+            _ => bail!("guest-writes.txt: bad line {line:?}"),
+        };
+        let (Some(offset), Some(value)) = (offset, value) else {
+            bail!("guest-writes.txt: bad line {line:?}")
+        };
+        let Some(block) = reference.get_mut(name) else { bail!("guest write to unknown block {name}") };
+        let Some(word) = block.get_mut(offset as usize..offset as usize + 8) else {
+            bail!("guest write outside {name}: {offset:#x}")
+        };
+        word.copy_from_slice(&value.to_le_bytes());
+        pages.insert((name.to_string(), offset / 4096));
+    }
+    Ok(pages.len())
 }

@@ -4,6 +4,9 @@
 //!   workspace tests (including the QEMU interop tests); prints a pass/fail summary.
 //! * `demo [ARGS]`: a live postcopy migration from QEMU into `postcopy-dest`, with
 //!   progress and a RAM check (`qemu-harness demo --help` style arguments).
+//! * `soak [--runs 20] [--stage2 ept,npt] [--vcpus 4] [--mem 112M] ...`: the same real
+//!   postcopy migration many times in a row (races at the end of a migration hide in one
+//!   run of several); one line per run, failures counted.
 //! * `capture [--machine pc] [--mem 320M] [--out FILE] [ARGS]`: record a large precopy
 //!   stream of a guest whose RAM is filled with non-zero data (for benchmarks).
 //! * `bench [--mem 1100M]`: record a large capture if there is none, then run
@@ -23,12 +26,14 @@ fn main() -> ExitCode {
     let ok = match args.first().map(String::as_str) {
         Some("test") => steps::test(),
         Some("demo") => harness("demo", rest.to_vec()),
+        Some("soak") => harness("soak", rest.to_vec()),
         Some("capture") => harness("capture", capture_args(rest)),
         Some("bench") => bench(rest),
         _ => {
             eprintln!(
                 "usage: cargo xtask test | demo [--machine pc|q35] [--mem 64M] [--precopy] \
-                 [--touch random|seq] [--record FILE] | capture [--machine pc] [--mem 320M] [--out FILE] \
+                 [--touch random|seq] [--record FILE] | soak [--runs 20] [--stage2 ept,npt] [--vcpus 4] [--mem 112M] \
+                 [--max-bandwidth 12M] [--guest-writes] | capture [--machine pc] [--mem 320M] [--out FILE] \
                  | bench [--mem 1100M]"
             );
             false
@@ -90,7 +95,7 @@ fn harness(sub: &str, args: Vec<String>) -> bool {
     }
     let mut build = cargo();
     build.args(["build", "-p", "qemu-tests", "--bin", "qemu-harness"]);
-    if sub == "demo" {
+    if sub == "demo" || sub == "soak" {
         build.args(["--bin", "postcopy-dest"]);
     }
     if !run(build) {

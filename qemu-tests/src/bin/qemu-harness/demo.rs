@@ -98,11 +98,9 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     match out.ram_diff {
         None => {
             println!(
-                "RAM check: destination {} equals what QEMU 7.2's own destination loads from \
-                 the same stream ({} bytes compared, stream {} bytes)",
-                machine.ram_block(),
-                out.ram_bytes,
-                out.stream_bytes
+                "RAM check: every RAMBlock of the destination ({} blocks, {} bytes) equals what \
+                 QEMU 7.2's own destination holds after loading the same stream ({} bytes)",
+                out.blocks_compared, out.ram_bytes, out.stream_bytes
             );
             Ok(())
         }

@@ -6,6 +6,8 @@
 //!                      [--dirty-for SECS] [--timeout SECS]
 //!                      [--postcopy [--max-postcopy-bandwidth B] [--dest-paused]]  (via QEMU's own destination)
 //! qemu-harness demo [--machine pc|q35] [--mem 64M] [--dest PATH]
+//! qemu-harness soak [--runs 20] [--stage2 ept,npt] [--vcpus 4] [--mem 112M] [--max-bandwidth 12M]
+//!                   [--precopy-for MS] [--guest-writes]   (the same migration many times)
 //! qemu-harness load --machine pc --mem 32M [--no-vga] [--guest ARGS] --stream FILE
 //! ```
 
@@ -18,18 +20,22 @@ use qemu_tests::source::{Machine, SourceVm};
 use qemu_tests::{bail, Result};
 
 mod demo;
+mod soak;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("capture") => capture(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
+        Some("soak") => soak::run(&args[1..]),
         Some("load") => load(&args[1..]),
         _ => Err(qemu_tests::Error(
             "usage: qemu-harness capture --machine pc --mem 320M --out FILE [--guest ARGS] [--fill] \
              [--no-vga] [--no-guest] [--exec-cat] [--max-bandwidth B] [--dirty-for S] [--timeout S] \
              [--postcopy [--max-postcopy-bandwidth B] [--dest-paused]] \
              | demo [--machine pc|q35] [--mem 64M] [--dest PATH] [--precopy] [--touch T] [--record F] \
+             | soak [--runs 20] [--stage2 ept,npt] [--vcpus 4] [--mem 112M] [--max-bandwidth 12M] \
+             [--precopy-for MS] [--guest-writes] \
              | load --machine pc --mem 32M [--no-vga] [--guest ARGS] --stream FILE"
                 .into(),
         )),

@@ -1,0 +1,133 @@
+//! `soak`: the same real-QEMU postcopy migration into `postcopy-dest` many times in a row,
+//! cycling through table formats, vCPU counts, memory sizes and precopy bandwidths, because
+//! races at the end of a migration show up in one run of several. Every run must pass the
+//! full check (source `completed`, destination END, every RAMBlock equal to QEMU's load of
+//! the same stream); each run prints one line, failures included, and the summary counts
+//! them per table format.
+//!
+//! Flags: `--runs 20`, `--stage2 ept,npt`, `--vcpus 4`, `--mem 112M`, `--max-bandwidth 12M`
+//! (bytes/s during precopy; postcopy is unlimited), `--precopy-for 2000` (ms), `--machine pc`,
+//! `--guest "rate=4096"`, `--guest-writes`, `--dest PATH`. Lists (`ept,npt`, `2,4`,
+//! `64M,112M`) are cycled through run by run.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use qemu_tests::scenario::{run as run_scenario, Scenario};
+use qemu_tests::source::Machine;
+use qemu_tests::{bail, Result};
+
+use crate::{parse_mib, Flags};
+
+fn list<T>(flags: &Flags, flag: &str, default: &str, parse: impl Fn(&str) -> Result<T>) -> Result<Vec<T>> {
+    flags.get(flag).unwrap_or(default).split(',').map(parse).collect()
+}
+
+fn bytes_per_s(s: &str) -> Result<u64> {
+    match s.strip_suffix(['M', 'm']) {
+        Some(m) => {
+            m.parse::<u64>().map(|m| m << 20).map_err(|_| qemu_tests::Error(format!("bad bandwidth {s}")))
+        }
+        None => s.parse().map_err(|_| qemu_tests::Error(format!("bad bandwidth {s}"))),
+    }
+}
+
+pub(crate) fn run(args: &[String]) -> Result<()> {
+    let flags = Flags::new(
+        args,
+        &[
+            "--runs",
+            "--stage2",
+            "--vcpus",
+            "--mem",
+            "--max-bandwidth",
+            "--precopy-for",
+            "--machine",
+            "--guest",
+            "--dest",
+        ],
+        &["--guest-writes"],
+    )?;
+    let runs: usize =
+        flags.get("--runs").unwrap_or("20").parse().map_err(|_| qemu_tests::Error("bad --runs".into()))?;
+    let formats = list(&flags, "--stage2", "ept,npt", |s| match s {
+        "ept" | "npt" => Ok(s.to_string()),
+        _ => bail!("--stage2 {s}: ept or npt"),
+    })?;
+    let vcpus = list(&flags, "--vcpus", "4", |s| {
+        s.parse::<usize>().map_err(|_| qemu_tests::Error(format!("bad --vcpus {s}")))
+    })?;
+    let mems = list(&flags, "--mem", "112M", parse_mib)?;
+    let bandwidths = list(&flags, "--max-bandwidth", "12M", bytes_per_s)?;
+    let precopy_ms: u64 = flags
+        .get("--precopy-for")
+        .unwrap_or("2000")
+        .parse()
+        .map_err(|_| qemu_tests::Error("bad --precopy-for".into()))?;
+    let machine = Machine::parse(flags.get("--machine").unwrap_or("pc"))?;
+    let dest = match flags.get("--dest") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe()?.with_file_name("postcopy-dest"),
+    };
+    if !dest.exists() {
+        bail!("{} not found: build it with `cargo build --release -p qemu-tests --bins`", dest.display());
+    }
+    let mut failed = Vec::new();
+    let mut per_format: Vec<(String, usize, usize)> = formats.iter().map(|f| (f.clone(), 0, 0)).collect();
+    for i in 0..runs {
+        let mut sc = Scenario::postcopy(machine);
+        sc.stage2 = Some(formats[i % formats.len()].clone());
+        sc.vcpus = Some(vcpus[i % vcpus.len()]);
+        sc.mem_mib = mems[i % mems.len()];
+        sc.max_bandwidth = Some(bandwidths[i % bandwidths.len()]);
+        sc.max_postcopy_bandwidth = Some(0);
+        sc.precopy_for = Duration::from_millis(precopy_ms);
+        sc.guest_append = flags.get("--guest").unwrap_or("rate=4096").to_string();
+        sc.guest_writes = flags.has("--guest-writes");
+        sc.timeout = Duration::from_secs(180);
+        let what = format!(
+            "{} {} MiB, {} vCPUs, {}, precopy {} MiB/s for {precopy_ms} ms",
+            machine.as_str(),
+            sc.mem_mib,
+            vcpus[i % vcpus.len()],
+            formats[i % formats.len()],
+            bandwidths[i % bandwidths.len()] >> 20
+        );
+        let start = Instant::now();
+        let verdict = run_scenario(&dest, &sc).and_then(|out| {
+            let s = &out.summary;
+            match (&out.ram_diff, out.saw_postcopy_active, s.state.as_str()) {
+                (Some(d), _, _) => bail!("RAM differs: {d}"),
+                (None, false, _) => bail!("the source never entered postcopy"),
+                (None, true, "END") => Ok(format!(
+                    "{} requests, {} faults, {} discarded, {} blocks equal",
+                    s.page_requests, s.faults, s.discarded_pages, out.blocks_compared
+                )),
+                (None, true, state) => bail!("destination state {state}"),
+            }
+        });
+        let slot = &mut per_format[i % formats.len()];
+        slot.2 += 1;
+        match verdict {
+            Ok(line) => {
+                slot.1 += 1;
+                println!(
+                    "run {:>2}/{runs} ok   {:5.1} s  {what}: {line}",
+                    i + 1,
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            Err(e) => {
+                println!("run {:>2}/{runs} FAIL {:5.1} s  {what}: {e}", i + 1, start.elapsed().as_secs_f64());
+                failed.push(i + 1);
+            }
+        }
+    }
+    let counts: Vec<String> = per_format.iter().map(|(f, ok, n)| format!("{f} {ok}/{n}")).collect();
+    println!("soak: {}/{runs} passed ({})", runs - failed.len(), counts.join(", "));
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        bail!("runs {failed:?} failed")
+    }
+}
