@@ -7,7 +7,8 @@
 //!
 //! Flags: `--runs 20`, `--stage2 ept,npt`, `--vcpus 4`, `--mem 112M`, `--max-bandwidth 12M`
 //! (bytes/s during precopy; postcopy is unlimited), `--precopy-for 2000` (ms), `--machine pc`,
-//! `--guest "rate=4096"`, `--guest-writes`, `--dest PATH`. Lists (`ept,npt`, `2,4`,
+//! `--guest "rate=4096 fill"` (RAM filled first, so 2 s of precopy cannot finish it),
+//! `--guest-writes`, `--dest PATH`. Lists (`ept,npt`, `2,4`,
 //! `64M,112M`) are cycled through run by run.
 
 use std::path::PathBuf;
@@ -82,7 +83,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         sc.max_bandwidth = Some(bandwidths[i % bandwidths.len()]);
         sc.max_postcopy_bandwidth = Some(0);
         sc.precopy_for = Duration::from_millis(precopy_ms);
-        sc.guest_append = flags.get("--guest").unwrap_or("rate=4096").to_string();
+        sc.guest_append = flags.get("--guest").unwrap_or("rate=4096 fill").to_string();
         sc.guest_writes = flags.has("--guest-writes");
         sc.timeout = Duration::from_secs(180);
         let what = format!(
