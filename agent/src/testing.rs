@@ -432,6 +432,11 @@ impl StreamBuilder {
         self.put(|w| ShortHeader::emit(SectionType::Footer, section_id, w))
     }
 
+    /// A START or FULL section header as given (any idstr, instance or version).
+    pub fn section_header(&mut self, header: FullHeader<'_>) -> &mut Self {
+        self.put(|w| header.emit(w))
+    }
+
     /// A device FULL record with an opaque body and its footer.
     pub fn device(&mut self, section_id: u32, idstr: &[u8], body: &[u8]) -> &mut Self {
         let h = FullHeader { start: false, section_id, idstr, instance_id: 0, version_id: 1 };

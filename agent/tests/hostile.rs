@@ -8,7 +8,6 @@ use agent::postcopy::State;
 use agent::testing::{pattern_page, postcopy_stream, run_stream, Outcome, StreamBuilder};
 use agent::wire::command::{Command, Dialect};
 use agent::wire::section::FullHeader;
-use agent::wire::Writer;
 use agent::{Defect, Error, Field};
 
 const RAM_PAGES: u64 = 16;
@@ -447,11 +446,7 @@ fn a_ram_section_other_than_instance_0_is_refused() {
     let mut s = StreamBuilder::new();
     s.header().command(Command::OpenReturnPath);
     let h = FullHeader { start: true, section_id: 2, idstr: b"ram", instance_id: 1, version_id: 4 };
-    let mut buf = [0u8; 64];
-    let mut w = Writer::new(&mut buf);
-    h.emit(&mut w).unwrap();
-    let n = w.len();
-    s.raw(&buf[..n]);
+    s.section_header(h);
     check(&s.bytes, Field::SectionInstance, Defect::BadValue { found: 1, expected: 0 });
 }
 

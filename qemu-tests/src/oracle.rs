@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::source::SourceVmBuilder;
+use crate::source::{SourceVm, SourceVmBuilder};
 use crate::{bail, Result};
 
 /// Loads `stream` into a QEMU started like `source` (same machine, memory, devices and
@@ -18,19 +18,24 @@ use crate::{bail, Result};
 /// that postcopy streams load too; the return path goes nowhere). Returns main RAM as
 /// [`crate::source::SourceVm::read_ram`] reads it (holes zeroed).
 pub fn qemu_load(source: &SourceVmBuilder, stream: &Path, timeout: Duration) -> Result<Vec<u8>> {
-    let stream = std::path::absolute(stream)?;
-    let path = stream.display().to_string();
+    let mut vm = loaded_destination(source, stream, timeout)?;
+    let ram = vm.read_ram()?;
+    vm.quit()?;
+    Ok(ram)
+}
+
+/// A paused QEMU destination started like `source` that has loaded `stream`.
+fn loaded_destination(source: &SourceVmBuilder, stream: &Path, timeout: Duration) -> Result<SourceVm> {
+    let path = std::path::absolute(stream)?.display().to_string();
     if path.contains('\'') {
-        bail!("qemu_load: the stream path must not contain a quote");
+        bail!("the stream path must not contain a quote: {path}");
     }
     let mut vm = source.clone().incoming("defer").spawn()?;
     vm.set_capabilities(&[("postcopy-ram", true)])?;
     vm.execute("migrate-incoming", json!({ "uri": format!("exec:cat '{path}'") }))?;
     vm.wait_status(&["completed"], timeout)
         .map_err(|e| crate::Error(format!("QEMU could not load {path}: {e}; {}", vm.stderr())))?;
-    let ram = vm.read_ram()?;
-    vm.quit()?;
-    Ok(ram)
+    Ok(vm)
 }
 
 /// Every RAMBlock of a stream as QEMU 7.2 holds it after loading the stream: QEMU's
@@ -43,18 +48,13 @@ pub fn qemu_load_blocks(
     stream: &Path,
     timeout: Duration,
 ) -> Result<std::collections::BTreeMap<String, Vec<u8>>> {
-    let stream = std::path::absolute(stream)?;
     let dir = tempfile::Builder::new().prefix("oracle-").tempdir()?;
     let out = dir.path().join("reference.bin");
-    let (input, output) = (stream.display().to_string(), out.display().to_string());
-    if input.contains('\'') || output.contains('\'') {
-        bail!("qemu_load_blocks: paths must not contain a quote");
+    let output = out.display().to_string();
+    if output.contains('\'') {
+        bail!("the output path must not contain a quote: {output}");
     }
-    let mut vm = source.clone().incoming("defer").spawn()?;
-    vm.set_capabilities(&[("postcopy-ram", true)])?;
-    vm.execute("migrate-incoming", json!({ "uri": format!("exec:cat '{input}'") }))?;
-    vm.wait_status(&["completed"], timeout)
-        .map_err(|e| crate::Error(format!("QEMU could not load {input}: {e}; {}", vm.stderr())))?;
+    let mut vm = loaded_destination(source, stream, timeout)?;
     // An exec: migration has no return path, which postcopy-ram would require.
     vm.set_capabilities(&[("postcopy-ram", false)])?;
     vm.execute("migrate", json!({ "uri": format!("exec:cat > '{output}'") }))?;

@@ -8,7 +8,6 @@ use agent::config::TARGET_PAGE_SIZE;
 use agent::testing::{pattern_page, postcopy_stream, StreamBuilder};
 use agent::wire::command::{Command as Cmd, Dialect};
 use agent::wire::section::FullHeader;
-use agent::wire::Writer;
 
 const DEST: &str = env!("CARGO_BIN_EXE_postcopy-dest");
 
@@ -85,11 +84,7 @@ fn hostile_layouts_device_state_and_ram_instances() {
     let mut s = StreamBuilder::new();
     s.header();
     let h = FullHeader { start: true, section_id: 2, idstr: b"ram", instance_id: 1, version_id: 4 };
-    let mut buf = [0u8; 64];
-    let mut w = Writer::new(&mut buf);
-    h.emit(&mut w).unwrap();
-    let n = w.len();
-    s.raw(&buf[..n]);
+    s.section_header(h);
     refused(&s.bytes, &[], "SectionInstance: found 0x1, expected 0x0");
 }
 
