@@ -2,7 +2,7 @@
 
 use core::fmt;
 
-/// The QEMU field (or record) a defect was found in. Names follow the spec's tables.
+/// The QEMU field (or record) a defect was found in. Names follow `docs/wire-format.md`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Field {
     /// Stream header magic ("QEVM").

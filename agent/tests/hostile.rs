@@ -1,4 +1,4 @@
-//! Hostile and malformed streams (spec §15-16): every defect is a typed error naming the
+//! Hostile and malformed streams (`docs/wire-format.md` §9-10): every defect is a typed error naming the
 //! field and the stream offset, SHUT(1) goes back when the return path is open, pages that
 //! had arrived stay intact, and nothing is written outside guest RAM (the fake memory
 //! panics on any such write).

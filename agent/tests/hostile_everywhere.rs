@@ -1,4 +1,4 @@
-//! Every class of hostile record (spec §15-16) inserted at many record boundaries of every
+//! Every class of hostile record (`docs/wire-format.md` §9-10) inserted at many record boundaries of every
 //! committed real capture and of generated streams in both dialects, including a layout
 //! above 4 GiB. Each insertion must end in the typed error its class names, at the inserted
 //! record's offset, with SHUT(1) sent when the return path is open and every page received

@@ -1,5 +1,5 @@
-//! The RAM_DISCARD encoding study: QEMU 7.2 byte ranges (spec §7.5) against the 2015 v5
-//! semi-sparse bitmap (spec §13), measured on dirty sets recorded from real QEMU 7.2
+//! The RAM_DISCARD encoding study: QEMU 7.2 byte ranges (`docs/wire-format.md` §5) against the 2015 v5
+//! semi-sparse bitmap (§8), measured on dirty sets recorded from real QEMU 7.2
 //! postcopy migrations of the dirty guest.
 //!
 //! * [`record`] runs one real postcopy migration (source and QEMU's own paused destination,

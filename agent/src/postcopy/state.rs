@@ -1,4 +1,4 @@
-//! The destination's postcopy state (spec §9), shared between the stream context and the
+//! The destination's postcopy state (`docs/wire-format.md` §7), shared between the stream context and the
 //! vCPU contexts.
 //!
 //! # Who writes it, who reads it, and why compare-exchange is enough
@@ -30,7 +30,7 @@
 
 use crate::sync::{AtomicU8, Ordering};
 
-/// The postcopy states of QEMU 7.2 (spec §9). The values are QEMU's.
+/// The postcopy states of QEMU 7.2 (`docs/wire-format.md` §7). The values are QEMU's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum State {

@@ -1,4 +1,5 @@
-//! Commands (`0x08`, spec §7) in the QEMU 7.2 numbering and the seed's v5 numbering (§13).
+//! Commands (`0x08`, `docs/wire-format.md` §5) in the QEMU 7.2 numbering and the seed's v5
+//! numbering (§8).
 
 use zerocopy::byteorder::big_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};

@@ -1,5 +1,5 @@
-//! POSTCOPY_RAM_DISCARD payloads: QEMU 7.2 byte ranges (spec §7.5) and the seed's v5
-//! semi-sparse bitmap (spec §13).
+//! POSTCOPY_RAM_DISCARD payloads: QEMU 7.2 byte ranges (`docs/wire-format.md` §5) and the seed's v5
+//! semi-sparse bitmap (§8).
 
 use zerocopy::byteorder::big_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};

@@ -1,4 +1,4 @@
-//! Stream header (spec §2) and CONFIGURATION (spec §4).
+//! Stream header and CONFIGURATION (`docs/wire-format.md` §2).
 
 use zerocopy::byteorder::big_endian::U32;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};

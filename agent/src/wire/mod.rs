@@ -1,5 +1,5 @@
 //! Zero-copy views and small validated representations of every QEMU 7.2 migration record
-//! (spec §2-§8), plus the seed's v5 dialect (spec §13).
+//! (`docs/wire-format.md` §2-§6), plus the seed's v5 dialect (§8).
 //!
 //! Each record has a `parse` that takes the bytes available at the record's start and returns
 //! either the record and its length, or how many bytes it needs to decide
@@ -34,7 +34,7 @@ pub type FieldError = (Field, Defect);
 /// Result of a `parse`.
 pub type ParseResult<T> = Result<Parsed<T>, FieldError>;
 
-/// Top-level record type bytes (spec §3). Unknown bytes are kept.
+/// Top-level record type bytes (`docs/wire-format.md` §2). Unknown bytes are kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SectionType {
     /// `0x00`: end of the current loading loop.

@@ -1,4 +1,4 @@
-//! The `ram` section body (spec §6): the 64-bit record word, its flags, block lists, pages.
+//! The `ram` section body (`docs/wire-format.md` §4): the 64-bit record word, its flags, block lists, pages.
 
 use bitflags::bitflags;
 
@@ -15,7 +15,7 @@ pub const RAM_IDSTR: &[u8] = b"ram";
 pub const RAM_VERSION: u32 = 4;
 
 bitflags! {
-    /// Low `TARGET_PAGE_BITS` bits of a RAM record word (spec §6.1).
+    /// Low `TARGET_PAGE_BITS` bits of a RAM record word (`docs/wire-format.md` §4).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct RamFlags: u64 {
         /// Obsolete, never sent; fatal.

@@ -1,4 +1,4 @@
-//! Return-path messages, destination to source (spec §8): `be16 type, be16 len, payload`.
+//! Return-path messages, destination to source (`docs/wire-format.md` §6): `be16 type, be16 len, payload`.
 
 use zerocopy::byteorder::big_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};

@@ -1,4 +1,4 @@
-//! Device section headers and footers (spec §5.1).
+//! Device section headers and footers (`docs/wire-format.md` §3).
 
 use zerocopy::byteorder::big_endian::U32;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
