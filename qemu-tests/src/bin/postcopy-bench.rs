@@ -27,7 +27,7 @@ const EXIT_ENTRY_BARE: Duration = Duration::from_nanos(300);
 /// the host (no VMX root mode): an assumed, deliberately generous figure.
 const INVEPT_CHARGE: Duration = Duration::from_nanos(1000);
 /// Whole-process ingest runs per side and stream.
-const RUNS: usize = 9;
+const RUNS: usize = 11;
 /// Fresh memory touched once before the ingest runs (see `ingest::warm_memory`).
 const WARM_BYTES: usize = 6 << 30;
 /// Repetitions of each discard measurement (medians reported).
@@ -398,10 +398,17 @@ fn ingest_table(stream: &Stream, skip_qemu: bool) {
     let mut copies = Vec::new();
     let mut ours: Runs = Vec::new();
     let mut qemu: Runs = Vec::new();
-    for _ in 0..RUNS {
-        ours.push(ingest::ours_over_socket(&exe, &stream.path, &[]));
+    // Conditions drift (other work on the machine, the VM's memory), so the order alternates
+    // too: ours, QEMU's, memcpy; then QEMU's, ours, memcpy; ...
+    for i in 0..RUNS {
+        if i % 2 == 0 || skip_qemu {
+            ours.push(ingest::ours_over_socket(&exe, &stream.path, &[]));
+        }
         if !skip_qemu {
             qemu.push(ingest::qemu_over_socket(&exe, &stream.path, &stream.machine_args, stream.postcopy));
+            if i % 2 == 1 {
+                ours.push(ingest::ours_over_socket(&exe, &stream.path, &[]));
+            }
         }
         copies.push(ingest::memcpy(&data).0);
     }
@@ -476,12 +483,17 @@ fn ingest_table(stream: &Stream, skip_qemu: bool) {
             qs.as_secs_f64() / os.as_secs_f64()
         );
     }
-    println!("\nEvery run, destination clock in ms, in run order (`x` = failed):\n");
+    println!(
+        "\nEvery run, destination clock in ms, in run order (`x` = failed; round i runs ours then QEMU's for even i, \
+         QEMU's then ours for odd i, then the memcpy):\n"
+    );
     for (name, _, runs) in &sides {
         let list: Vec<String> =
             runs.iter().map(|r| r.as_ref().map_or("x".into(), |r| format!("{:.0}", ms(r.dest)))).collect();
         println!("* {name}: {}", list.join(", "));
     }
+    let list: Vec<String> = copies.iter().map(|&d| format!("{:.0}", ms(d))).collect();
+    println!("* memcpy into fresh memory: {}", list.join(", "));
     for (name, _, runs) in &sides {
         for (i, r) in runs.iter().enumerate() {
             if let Err(e) = r {
