@@ -30,6 +30,8 @@ const INVEPT_CHARGE: Duration = Duration::from_nanos(1000);
 const RUNS: usize = 11;
 /// Fresh memory touched once before the ingest runs (see `ingest::warm_memory`).
 const WARM_BYTES: usize = 6 << 30;
+/// Fresh memory touched and freed just before each ingest run.
+const PRE_RUN_WARM_BYTES: usize = 2 << 30;
 /// Repetitions of each discard measurement (medians reported).
 const DISCARD_REPEATS: usize = 5;
 
@@ -400,16 +402,27 @@ fn ingest_table(stream: &Stream, skip_qemu: bool) {
     let mut qemu: Runs = Vec::new();
     // Conditions drift (other work on the machine, the VM's memory), so the order alternates
     // too: ours, QEMU's, memcpy; then QEMU's, ours, memcpy; ...
+    // Before every run, of either side, fresh memory is touched and freed (see
+    // `ingest::warm_memory`), so that each starts from the same state of this VM's memory.
+    let ours_run = || {
+        ingest::warm_memory(PRE_RUN_WARM_BYTES);
+        ingest::ours_over_socket(&exe, &stream.path, &[])
+    };
+    let qemu_run = || {
+        ingest::warm_memory(PRE_RUN_WARM_BYTES);
+        ingest::qemu_over_socket(&exe, &stream.path, &stream.machine_args, stream.postcopy)
+    };
     for i in 0..RUNS {
         if i % 2 == 0 || skip_qemu {
-            ours.push(ingest::ours_over_socket(&exe, &stream.path, &[]));
+            ours.push(ours_run());
         }
         if !skip_qemu {
-            qemu.push(ingest::qemu_over_socket(&exe, &stream.path, &stream.machine_args, stream.postcopy));
+            qemu.push(qemu_run());
             if i % 2 == 1 {
-                ours.push(ingest::ours_over_socket(&exe, &stream.path, &[]));
+                ours.push(ours_run());
             }
         }
+        ingest::warm_memory(PRE_RUN_WARM_BYTES);
         copies.push(ingest::memcpy(&data).0);
     }
     drop(data);
