@@ -399,3 +399,20 @@ fn uffd_handler(
     }
     Ok(placed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A few faults of each side: every page lands, each request is served once. (No timing
+    /// is checked.)
+    #[test]
+    fn both_sides_place_the_source_pages() {
+        let r = measure(&Config { blocks: 2, per_block: 8, warmup: 4 }).expect("end to end");
+        assert_eq!((r.ours.len(), r.uffd.len()), (16, 16));
+        assert_eq!(r.pages, 20);
+        assert_eq!(r.pages_matching, (20, 20));
+        assert_eq!((r.served.0.pages, r.served.1.pages), (20, 20));
+        assert_eq!(r.ours_requests, 20);
+    }
+}

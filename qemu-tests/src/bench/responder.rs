@@ -107,3 +107,38 @@ pub fn serve(mut conn: UnixStream, source: &PageSource) -> Result<Served, String
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_each_requested_page_with_one_part_section() {
+        let source = PageSource::new(4);
+        let (mut dest, src) = UnixStream::pair().unwrap();
+        let served = std::thread::scope(|s| {
+            let h = s.spawn(|| serve(src, &source));
+            let mut req = [0u8; 64];
+            let n = RpMessage::ReqPagesId { start: 0x1000, len: 0x2000, block: b"pc.ram" }
+                .emit(&mut req)
+                .unwrap();
+            dest.write_all(&req[..n]).unwrap();
+            let n = RpMessage::ReqPages { start: 0x3000, len: 0x1000 }.emit(&mut req).unwrap();
+            dest.write_all(&req[..n]).unwrap();
+            let mut want = Vec::new();
+            for page in [0x1000u64, 0x2000, 0x3000] {
+                let mut one = Vec::new();
+                page_section(b"pc.ram", page, source.page(page).unwrap(), &mut one);
+                want.extend_from_slice(&one);
+            }
+            let mut got = vec![0u8; want.len()];
+            dest.read_exact(&mut got).unwrap();
+            assert_eq!(got, want);
+            dest.shutdown(std::net::Shutdown::Both).unwrap();
+            h.join().unwrap()
+        })
+        .unwrap();
+        assert_eq!((served.requests, served.pages), (2, 3));
+        assert!(source.page(4 * TARGET_PAGE_SIZE).is_none());
+    }
+}
