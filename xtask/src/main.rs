@@ -141,13 +141,36 @@ fn capture_args(user: &[String]) -> Vec<String> {
     args
 }
 
-/// `cargo xtask bench`: a capture of `--mem` (default 1100M: a stream over 1 GiB) of a pc
-/// guest with filled RAM, recorded once into `<target>/captures/`, then `postcopy-bench`.
+/// `cargo xtask bench`: two captures of pc guests with filled RAM, each recorded once into
+/// `<target>/captures/`: a precopy one of `--mem` (default 1100M: a stream over 1 GiB) and a
+/// postcopy one of 512M (64 MiB/s of precopy for 1 s, then postcopy without a bandwidth
+/// limit, QEMU's destination paused so that it requests nothing); then `postcopy-bench`.
 fn bench(user: &[String]) -> bool {
     let mem = user.iter().position(|a| a == "--mem").and_then(|i| user.get(i + 1)).cloned();
     let mem = mem.unwrap_or_else(|| "1100M".into());
-    let capture = target_dir().join("captures").join(format!("pc-{mem}-precopy.bin"));
+    let dir = target_dir().join("captures");
+    let capture = dir.join(format!("pc-{mem}-precopy.bin"));
     if !capture.exists() && !harness("capture", capture_args(&["--mem".into(), mem.clone()])) {
+        return false;
+    }
+    let post_mem = "512M";
+    let postcopy = dir.join(format!("pc-{post_mem}-postcopy.bin"));
+    let post_args: Vec<String> = [
+        "--postcopy",
+        "--dest-paused",
+        "--mem",
+        post_mem,
+        "--max-bandwidth",
+        "67108864",
+        "--max-postcopy-bandwidth",
+        "4294967296",
+        "--out",
+    ]
+    .map(String::from)
+    .into_iter()
+    .chain([postcopy.display().to_string()])
+    .collect();
+    if !postcopy.exists() && !harness("capture", capture_args(&post_args)) {
         return false;
     }
     let mut build = cargo();
@@ -167,5 +190,7 @@ fn bench(user: &[String]) -> bool {
     let mut cmd = Command::new(target_dir().join("release/postcopy-bench"));
     cmd.current_dir(root()).arg("--capture").arg(&capture);
     cmd.arg("--machine-args").arg(format!("-machine pc -m {mem}"));
+    cmd.arg("--postcopy-capture").arg(&postcopy);
+    cmd.arg("--postcopy-machine-args").arg(format!("-machine pc -m {post_mem}"));
     run(cmd)
 }

@@ -187,3 +187,81 @@ fn event_time(event: &Value) -> Option<Duration> {
     let micros = ts["microseconds"].as_u64()?;
     Some(Duration::from_secs(secs) + Duration::from_micros(micros))
 }
+
+/// The result of [`socket_load`].
+#[derive(Debug, Clone)]
+pub struct SocketLoad {
+    /// The `completed` event's own timestamp (QEMU's wall clock when it completed), in
+    /// nanoseconds since the epoch: the caller subtracts its sender's connect time.
+    pub completed_ns: u128,
+    /// The `MIGRATION` statuses seen, in order (ends with `completed`).
+    pub statuses: Vec<String>,
+    /// The sender's standard output (its report).
+    pub sender_stdout: String,
+}
+
+/// QEMU's destination fed over a unix socket: QEMU starts with `machine_args` plus
+/// `-S -incoming defer`, events on (and `postcopy-ram` with `opts.postcopy_ram`), then
+/// `migrate-incoming unix:SOCK`; `sender(SOCK)` is started and writes the stream; the load
+/// ends with the `MIGRATION` event `completed`, whose timestamp is returned. QEMU then
+/// quits, which closes the connection, and the sender's output is collected.
+pub fn socket_load(
+    machine_args: &[String],
+    opts: &LoadOptions,
+    sender: impl FnOnce(&Path) -> Command,
+) -> Result<SocketLoad> {
+    let mut args: Vec<String> = machine_args.to_vec();
+    if !args.iter().any(|a| a == "-accel") {
+        args.splice(0..0, ["-accel".to_string(), "tcg".to_string()]).for_each(drop);
+    }
+    let dir = tempfile::Builder::new().prefix("qemu-socket-load-").tempdir()?;
+    let qmp_sock = dir.path().join("qmp.sock");
+    let migrate_sock = dir.path().join("migrate.sock");
+    let mut cmd = Command::new(install::qemu()?);
+    cmd.args(&args)
+        .args(["-S", "-incoming", "defer"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_sock.display()));
+    let mut child = ChildGuard::spawn("qemu-dest", cmd, dir.path())?;
+    let with_stderr = |child: &mut ChildGuard, e: Error| -> Error {
+        Error(format!("{e} (QEMU stderr: {})", child.stderr_tail(500)))
+    };
+    let mut qmp = connect(&qmp_sock, &mut child).map_err(|e| with_stderr(&mut child, e))?;
+    let mut caps = vec![json!({ "capability": "events", "state": true })];
+    if opts.postcopy_ram {
+        caps.push(json!({ "capability": "postcopy-ram", "state": true }));
+    }
+    qmp.execute("migrate-set-capabilities", json!({ "capabilities": caps }))?;
+    qmp.execute("migrate-incoming", json!({ "uri": format!("unix:{}", migrate_sock.display()) }))?;
+    let mut sending = ChildGuard::spawn("sender", sender(&migrate_sock), dir.path())?;
+    let deadline = Instant::now() + opts.timeout;
+    let mut statuses = Vec::new();
+    let completed = loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let event = match qmp.wait_event("MIGRATION", remaining) {
+            Ok(e) => e,
+            Err(e) => {
+                let e = Error(format!("{e}; sender: {}", sending.stderr_tail(300)));
+                return Err(with_stderr(&mut child, e));
+            }
+        };
+        let status = event["data"]["status"].as_str().unwrap_or("?").to_string();
+        statuses.push(status.clone());
+        match status.as_str() {
+            "completed" => break event_time(&event),
+            "failed" | "cancelled" => {
+                let e = Error(format!("QEMU's load {status} (statuses {statuses:?})"));
+                return Err(with_stderr(&mut child, e));
+            }
+            _ => {}
+        }
+    };
+    let completed_ns = completed.ok_or(Error("the completed event has no timestamp".into()))?.as_nanos();
+    let _ = qmp.execute("quit", Value::Null);
+    child.wait_or_kill(Duration::from_secs(10))?;
+    let status = sending.wait_or_kill(Duration::from_secs(30))?;
+    if !status.success() {
+        bail!("the sender failed ({status}): {}", sending.stderr_tail(300));
+    }
+    Ok(SocketLoad { completed_ns, statuses, sender_stdout: sending.stdout() })
+}

@@ -2,8 +2,10 @@
 //! and the mechanism QEMU's destination uses for the same job, side by side, in one run.
 
 pub mod discard;
+pub mod e2e;
 pub mod fault;
 pub mod ingest;
+pub mod responder;
 
 use std::time::Duration;
 
