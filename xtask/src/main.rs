@@ -9,7 +9,8 @@
 //!   run of several); one line per run, failures counted.
 //! * `capture [--machine pc] [--mem 320M] [--out FILE] [ARGS]`: record a large precopy
 //!   stream of a guest whose RAM is filled with non-zero data (for benchmarks).
-//! * `bench [--mem 1100M]`: record a large capture if there is none, then run
+//! * `bench [--mem 1100M]`: record the two captures if they are missing (a 1.1 GiB precopy
+//!   stream and a 512 MiB postcopy stream of filled guest RAM), then run
 //!   `postcopy-bench` (release build): fault service, discard, ingest, discard encoding.
 //!
 //! Std only. Every child inherits `CARGO_TARGET_DIR`.
