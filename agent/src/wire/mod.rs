@@ -16,6 +16,7 @@ pub mod header;
 pub mod ram;
 pub mod return_path;
 pub mod section;
+pub mod vcpu;
 
 use crate::error::{Defect, Field};
 
