@@ -4,5 +4,11 @@
 #[cfg(test)]
 extern crate std;
 
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+pub mod apic;
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+pub mod cpu;
 pub mod mem;
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+pub mod serial;
 pub mod stage2;

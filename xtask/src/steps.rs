@@ -35,8 +35,11 @@ fn steps() -> Vec<(&'static str, Step, Option<&'static str>)> {
             None,
         ),
         (
-            "agent and hal for x86_64-unknown-none (build)",
-            Step::Cargo(&["build", "-p", "agent", "-p", "hal", "--target", "x86_64-unknown-none"], &[]),
+            "agent, hal and the hypervisor image for x86_64-unknown-none (build)",
+            Step::Cargo(
+                &["build", "-p", "agent", "-p", "hal", "-p", "hypervisor", "--target", "x86_64-unknown-none"],
+                &[],
+            ),
             None,
         ),
         (
