@@ -12,3 +12,4 @@ pub mod mem;
 #[cfg(all(target_arch = "x86_64", target_os = "none"))]
 pub mod serial;
 pub mod stage2;
+pub mod virt;

@@ -17,6 +17,10 @@ mod console;
 mod exceptions;
 #[cfg(target_os = "none")]
 mod exit;
+#[cfg(target_os = "none")]
+mod memory;
+#[cfg(target_os = "none")]
+mod selftest;
 
 /// The Rust entry, called by the boot code in long mode with the PVH start_info address.
 #[cfg(target_os = "none")]
@@ -25,13 +29,39 @@ extern "C" fn kmain(_start_info: u32) -> ! {
     console::print("postcopy hypervisor: long mode\n");
     exceptions::init();
     apic::init();
-    // Take a few timer interrupts.
-    for _ in 0..3 {
-        // SAFETY: the IDT handles the timer and spurious vectors.
-        unsafe { core::arch::asm!("sti", "hlt", "cli") };
+    match selftest::run() {
+        Ok(()) => console::print("SVM self-test passed\n"),
+        Err(e) => {
+            use core::fmt::Write;
+            let _ = writeln!(console::Console, "SVM self-test FAILED: {e}");
+            exit::exit(exit::Code::Failure)
+        }
     }
-    console::print("timer interrupts taken\n");
     exit::exit(exit::Code::Success)
+}
+
+/// The SVM pages (VMCB, host save areas, permission maps), handed out once.
+#[cfg(target_os = "none")]
+fn svm_pages() -> hal::virt::svm::vcpu::SvmPages {
+    use hal::virt::svm::vcpu::{Page, SvmPages};
+    use hal::virt::svm::vmcb::Vmcb;
+    static mut VMCB: Vmcb = Vmcb::zeroed();
+    static mut HOST_VMSAVE: Vmcb = Vmcb::zeroed();
+    static mut HOST_SAVE: Page = Page::zeroed();
+    static mut IOPM: [Page; 3] = [const { Page::zeroed() }; 3];
+    static mut MSRPM: [Page; 2] = [const { Page::zeroed() }; 2];
+    static TAKEN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+    assert!(!TAKEN.swap(true, core::sync::atomic::Ordering::SeqCst), "SVM pages taken twice");
+    // SAFETY: the flag above hands the statics out once, so these are the only references.
+    unsafe {
+        SvmPages {
+            vmcb: &mut *core::ptr::addr_of_mut!(VMCB),
+            host_save: &mut *core::ptr::addr_of_mut!(HOST_SAVE),
+            host_vmsave: &mut *core::ptr::addr_of_mut!(HOST_VMSAVE),
+            iopm: &mut *core::ptr::addr_of_mut!(IOPM),
+            msrpm: &mut *core::ptr::addr_of_mut!(MSRPM),
+        }
+    }
 }
 
 #[cfg(target_os = "none")]
