@@ -86,6 +86,7 @@ mod format;
 pub mod invalidate;
 mod npt;
 mod pool;
+pub mod port;
 mod table;
 #[cfg(test)]
 mod tests;

@@ -10,9 +10,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use crate::hosted::mem::Mapping;
 use agent::ports::{DeviceStateSink, GuestMemory, PageWaiters, Refused, ReturnPath, SendFailed, Stage2};
-use hal::stage2::{
-    Flush, Format, FramePool, Gpa, Hpa, Invalidate, Perms, Scope, TablePage, Translation, Walker,
-};
+use hal::stage2::port::TablePort;
+use hal::stage2::{Format, FramePool, Gpa, Hpa, Invalidate, Scope, TablePage, Translation, Walker};
 
 /// Host "physical" address of the table pages: apart from the frames (host addresses below
 /// 2^47), never dereferenced (the walker reads table pages from the slab).
@@ -103,7 +102,8 @@ impl<F: Format> SharedTable<F> {
 
 /// Counts the invalidations tokens ask for. The simulated vCPUs keep no TLB (they walk the
 /// table on every access), so counting is all a flush has to do here.
-struct CountInvalidations<'a>(&'a AtomicU64);
+#[derive(Debug)]
+pub struct CountInvalidations<'a>(&'a AtomicU64);
 
 impl<F: Format> Invalidate<F> for CountInvalidations<'_> {
     fn invalidate(&mut self, _scope: Scope) {
@@ -200,24 +200,16 @@ pub struct HostPorts<'s, F: Format> {
     /// Device state, kept for `--dump-dir`.
     pub device_state: Vec<u8>,
     shared: &'s SharedTable<F>,
-    /// The table, built at the first edit (by then every block is declared).
-    table: Option<hal::stage2::Stage2<'static, F>>,
+    /// The table and the stage-2 port over it, built at the first edit (by then every block
+    /// is declared).
+    table: Option<TablePort<'static, F, CountInvalidations<'s>>>,
     wakeups: &'s Wakeups,
-    /// Unmaps of the current discard command, flushed together.
-    pending: Option<Flush<F>>,
 }
 
 impl<'s, F: Format> HostPorts<'s, F> {
     /// Ports over `table` and `wakeups`.
     pub fn new(table: &'s SharedTable<F>, wakeups: &'s Wakeups) -> Self {
-        Self {
-            blocks: Vec::new(),
-            device_state: Vec::new(),
-            shared: table,
-            table: None,
-            wakeups,
-            pending: None,
-        }
+        Self { blocks: Vec::new(), device_state: Vec::new(), shared: table, table: None, wakeups }
     }
 
     /// Touches every frame, so later copies into them take no page fault (the hypervisor's
@@ -255,35 +247,34 @@ impl<F: Format> GuestMemory for HostPorts<'_, F> {
     }
 }
 
-impl<F: Format> HostPorts<'_, F> {
-    fn table(&mut self) -> &mut hal::stage2::Stage2<'static, F> {
+impl<'s, F: Format> HostPorts<'s, F> {
+    fn port(&mut self) -> &mut TablePort<'static, F, CountInvalidations<'s>> {
         let shared = self.shared;
-        let frames = &self.blocks;
-        self.table.get_or_insert_with(|| shared.build(frames.iter().map(|b| b.ram.clone()).collect()))
+        let blocks = &self.blocks;
+        self.table.get_or_insert_with(|| {
+            let table = shared.build(blocks.iter().map(|b| b.ram.clone()).collect());
+            let mut port = TablePort::new(table, CountInvalidations(&shared.invalidations));
+            for (i, b) in blocks.iter().enumerate() {
+                // The leaves hold the frames' real (host) addresses: the vCPUs load and store
+                // through them.
+                port.set_block_base(i, b.ram.addr());
+            }
+            port
+        })
     }
 }
 
 impl<F: Format> Stage2 for HostPorts<'_, F> {
     fn map(&mut self, gpa: u64, block: usize, offset: u64) {
-        // The leaf holds the frame's real (host) address: the vCPUs load and store through it.
-        let hpa = Hpa(self.blocks[block].ram.addr() + offset);
-        let flush = self.table().map_4k(Gpa(gpa), hpa, Perms::RWX);
-        // Mapping a not-present entry needs no invalidation; the token says so.
-        flush.expect("map a received page").flush(&mut CountInvalidations(&self.shared.invalidations));
+        self.port().map(gpa, block, offset);
     }
 
     fn unmap(&mut self, gpa: u64, len: u64) {
-        let flush = self.table().unmap_range(Gpa(gpa), len).expect("unmap a discarded range");
-        self.pending = Some(match self.pending.take() {
-            Some(p) => p.merge(flush),
-            None => flush,
-        });
+        self.port().unmap(gpa, len);
     }
 
     fn flush(&mut self) {
-        if let Some(p) = self.pending.take() {
-            p.flush(&mut CountInvalidations(&self.shared.invalidations));
-        }
+        self.port().flush();
     }
 }
 
