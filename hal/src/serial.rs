@@ -41,6 +41,16 @@ impl Uart {
         Self { base }
     }
 
+    /// A second handle on a UART that [`Uart::init`] set up (the receive side and the
+    /// transmit side are used from different places).
+    ///
+    /// # Safety
+    ///
+    /// As [`Uart::init`]; the handles do not race (one CPU, no interrupt handler uses them).
+    pub unsafe fn attach(base: u16) -> Self {
+        Self { base }
+    }
+
     fn lsr(&self) -> u8 {
         // SAFETY: `init`'s caller guaranteed the UART; reading LSR has no memory effect.
         unsafe { inb(self.base + LSR) }

@@ -23,7 +23,7 @@ boot_pd:   .skip 4 * 4096
 
     .section .bss.stack, "aw", @nobits
     .p2align 4
-    .skip 64 * 1024
+    .skip 1024 * 1024
 
     .section .rodata
     .p2align 3

@@ -14,30 +14,80 @@ mod boot;
 #[cfg(target_os = "none")]
 mod console;
 #[cfg(target_os = "none")]
+mod cycles;
+#[cfg(target_os = "none")]
 mod exceptions;
 #[cfg(target_os = "none")]
 mod exit;
 #[cfg(target_os = "none")]
+mod guest;
+#[cfg(target_os = "none")]
 mod memory;
 #[cfg(target_os = "none")]
+mod platform;
+#[cfg(target_os = "none")]
+mod run;
+#[cfg(target_os = "none")]
 mod selftest;
+#[cfg(target_os = "none")]
+mod transport;
 
 /// The Rust entry, called by the boot code in long mode with the PVH start_info address.
 #[cfg(target_os = "none")]
 #[no_mangle]
-extern "C" fn kmain(_start_info: u32) -> ! {
+extern "C" fn kmain(start_info: u32) -> ! {
+    use core::fmt::Write;
     console::print("postcopy hypervisor: long mode\n");
     exceptions::init();
     apic::init();
-    match selftest::run() {
-        Ok(()) => console::print("SVM self-test passed\n"),
+    if cmdline(start_info).split(' ').any(|w| w == "selftest") {
+        match selftest::run() {
+            Ok(()) => console::print("SVM self-test passed\n"),
+            Err(e) => {
+                let _ = writeln!(console::Console, "SVM self-test FAILED: {e}");
+                exit::exit(exit::Code::Failure)
+            }
+        }
+        exit::exit(exit::Code::Success)
+    }
+    match hal::virt::svm::vcpu::features() {
+        Ok(features) => {
+            let _ = writeln!(console::Console, "SVM: {features:?}");
+            run::migrate(features)
+        }
         Err(e) => {
-            use core::fmt::Write;
-            let _ = writeln!(console::Console, "SVM self-test FAILED: {e}");
+            let _ = writeln!(
+                console::Console,
+                "RESULT {{\"state\":\"error\",\"error\":\"SVM unavailable: {e:?}\"}}"
+            );
             exit::exit(exit::Code::Failure)
         }
     }
-    exit::exit(exit::Code::Success)
+}
+
+/// The kernel command line from the PVH start_info (`hvm_start_info.cmdline_paddr`, a
+/// NUL-terminated string), or "".
+#[cfg(target_os = "none")]
+fn cmdline(start_info: u32) -> &'static str {
+    const MAGIC: u32 = 0x336e_c578;
+    if start_info == 0 {
+        return "";
+    }
+    // SAFETY: the PVH loader passes the physical address of its start_info (mapped 1:1); its
+    // first word is the magic, checked before anything else is read; cmdline_paddr is at
+    // offset 24 and names a NUL-terminated string the loader placed (or 0).
+    unsafe {
+        let info = start_info as usize as *const u32;
+        if info.read() != MAGIC {
+            return "";
+        }
+        let line = (start_info as usize as *const u8).add(24).cast::<u64>().read_unaligned();
+        if line == 0 {
+            return "";
+        }
+        let bytes = core::ffi::CStr::from_ptr(line as usize as *const core::ffi::c_char).to_bytes();
+        core::str::from_utf8(bytes).unwrap_or("")
+    }
 }
 
 /// The SVM pages (VMCB, host save areas, permission maps), handed out once.

@@ -5,7 +5,8 @@
 
 use core::fmt::Write;
 
-use hal::stage2::{FramePool, Gpa, Hpa, Invalidate, Npt, Perms, Stage2};
+use hal::stage2::invalidate::{NextVmrunFlush, TlbControl};
+use hal::stage2::{FramePool, Gpa, Hpa, Npt, Perms, Stage2};
 use hal::virt::svm::vcpu::{self, flat, SvmVcpu, DATA, TSS64};
 use hal::virt::svm::vmcb::Segment;
 use hal::virt::{Access, ExitReason};
@@ -42,14 +43,15 @@ pub fn run() -> Result<(), &'static str> {
     v.efer = 1 << 12;
     v.rflags = 2;
     v.rip = 0x1000;
-    let exit = run_to_exit(&mut vcpu);
+    let exit = run_to_exit(&mut vcpu, TlbControl::DoNothing);
     let _ = writeln!(Console, "selftest exit 1: {exit:x?}");
     if exit != (ExitReason::NestedPageFault { gpa: 0x2000, access: Access::Read }) {
         return Err("the first exit is not a #NPF reading 0x2000");
     }
     let flush = table.map_4k(Gpa(0x2000), Hpa(data), Perms::RWX).map_err(|_| "map")?;
-    flush.flush(vcpu.tlb() as &mut dyn Invalidate<Npt>);
-    let exit = run_to_exit(&mut vcpu);
+    let mut tlb = NextVmrunFlush::new(features.flush_by_asid);
+    flush.flush(&mut tlb);
+    let exit = run_to_exit(&mut vcpu, tlb.take());
     let rax = vcpu.vmcb().rax;
     let _ = writeln!(Console, "selftest exit 2: {exit:x?}, RAX {rax:#x}");
     if exit != ExitReason::Hypercall || rax != 0x1234_5678 {
@@ -59,9 +61,9 @@ pub fn run() -> Result<(), &'static str> {
 }
 
 /// Runs the vCPU to its next exit that is not the host's timer.
-fn run_to_exit(vcpu: &mut SvmVcpu) -> ExitReason {
+fn run_to_exit(vcpu: &mut SvmVcpu, mut tlb: TlbControl) -> ExitReason {
     loop {
-        match vcpu.run() {
+        match vcpu.run(core::mem::replace(&mut tlb, TlbControl::DoNothing)) {
             // SAFETY: the IDT handles the timer and spurious vectors.
             ExitReason::Interrupt => unsafe { hal::cpu::interrupt_window() },
             exit => return exit,

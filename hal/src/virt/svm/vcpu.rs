@@ -11,7 +11,7 @@
 use super::exit::decode;
 use super::vmcb::{misc1, misc2, Segment, Vmcb, NP_ENABLE, V_INTR_MASKING};
 use crate::cpu::{cpuid, rdmsr, wrmsr};
-use crate::stage2::invalidate::NextVmrunFlush;
+use crate::stage2::invalidate::TlbControl;
 use crate::virt::{ExitReason, GuestRegs};
 
 const EFER: u32 = 0xc000_0080;
@@ -83,7 +83,6 @@ pub struct SvmVcpu {
     pages: SvmPages,
     /// The guest's general registers outside the VMCB.
     pub regs: GuestRegs,
-    flush: NextVmrunFlush,
     features: Features,
 }
 
@@ -205,12 +204,7 @@ impl SvmVcpu {
             wrmsr(EFER, rdmsr(EFER) | EFER_SVME | EFER_NXE);
             wrmsr(VM_HSAVE_PA, &*pages.host_save as *const Page as u64);
         }
-        let vcpu = Self {
-            pages,
-            regs: GuestRegs::default(),
-            flush: NextVmrunFlush::new(features.flush_by_asid),
-            features,
-        };
+        let vcpu = Self { pages, regs: GuestRegs::default(), features };
         for page in vcpu.pages.iopm.iter_mut().chain(vcpu.pages.msrpm.iter_mut()) {
             page.0.fill(0xff);
         }
@@ -253,14 +247,11 @@ impl SvmVcpu {
         self.pages.vmcb
     }
 
-    /// The flush the next VMRUN must do (NPT flush tokens are flushed into it).
-    pub fn tlb(&mut self) -> &mut NextVmrunFlush {
-        &mut self.flush
-    }
-
-    /// Runs the guest until its next exit.
-    pub fn run(&mut self) -> ExitReason {
-        self.pages.vmcb.tlb_control = self.flush.take() as u8;
+    /// Runs the guest until its next exit, first flushing the TLB as `tlb` says (the NPT
+    /// flush tokens since the last run, collected in a
+    /// [`NextVmrunFlush`](crate::stage2::invalidate::NextVmrunFlush)).
+    pub fn run(&mut self, tlb: TlbControl) -> ExitReason {
+        self.pages.vmcb.tlb_control = tlb as u8;
         let vmcb_pa = &*self.pages.vmcb as *const Vmcb as u64;
         let host_pa = &*self.pages.host_vmsave as *const Vmcb as u64;
         // SAFETY: `new` enabled SVM and set the VMCB up (its caller vouched for the nested

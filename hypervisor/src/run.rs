@@ -1,0 +1,252 @@
+//! The main loop: bytes from COM1 into the receive ring and through the agent; after RUN, the
+//! guest vCPU runs, and its stage-2 faults become page requests; a parked vCPU runs again once
+//! its page is mapped. Ends with a one-line report (`RESULT {json}`) on the debug console.
+
+use core::fmt::Write;
+
+use agent::postcopy::{Engine, EngineConfig, Fault, Shared, State};
+use agent::sync::AtomicU64;
+use hal::serial::{Uart, COM1};
+use hal::stage2::invalidate::NextVmrunFlush;
+use hal::stage2::port::TablePort;
+use hal::stage2::{FramePool, Npt, Stage2};
+use hal::virt::svm::exit::instruction_len;
+use hal::virt::svm::vcpu::{Features, SvmVcpu};
+use hal::virt::ExitReason;
+
+use crate::console::Console;
+use crate::cycles::Samples;
+use crate::exit::{exit, Code};
+use crate::guest;
+use crate::memory::{FRAMES_LEN, TABLE_SLAB};
+use crate::platform::{ImagePorts, DEVICE_STATE_BYTES};
+use crate::transport::{Ring, SerialReturnPath, RING_BYTES};
+
+/// Words of each page bitmap: one bit per 4 KiB page of the frames region.
+const BITMAP_WORDS: usize = (FRAMES_LEN / (64 * 4096)) as usize;
+/// RAX of the pattern guest's result hypercall: "PGRS".
+const GUEST_RESULT: u64 = 0x5047_5253;
+
+static RECEIVED: [AtomicU64; BITMAP_WORDS] = [const { AtomicU64::new(0) }; BITMAP_WORDS];
+static REQUESTED: [AtomicU64; BITMAP_WORDS] = [const { AtomicU64::new(0) }; BITMAP_WORDS];
+
+/// What the guest reported with its result hypercall.
+#[derive(Clone, Copy, Debug)]
+struct GuestResult {
+    checksum: u64,
+    mismatches: u64,
+    written: u64,
+}
+
+/// The guest vCPU's progress.
+#[derive(Default)]
+struct GuestState {
+    restored: bool,
+    parked: bool,
+    /// Stopped for good: its result came, it halted, or it did something the image does not
+    /// emulate (`stopped`).
+    done: bool,
+    stopped: Option<&'static str>,
+    result: Option<GuestResult>,
+    stage2_faults: u64,
+    faults_served: u64,
+    exits: u64,
+}
+
+/// Receives a migration over COM1 and runs the guest; never returns.
+pub fn migrate(features: Features) -> ! {
+    // SAFETY: COM1 is the stream's 16550; this is its only set-up, and the two handles are
+    // used from this one loop.
+    let (mut rx, tx) = unsafe { (Uart::init(COM1), Uart::attach(COM1)) };
+    let shared = Shared::new(&RECEIVED, &REQUESTED, SerialReturnPath(tx));
+    // SAFETY: the slab is used by this one table only.
+    let slab = unsafe { &mut *core::ptr::addr_of_mut!(TABLE_SLAB) };
+    let table = Stage2::<Npt>::new(FramePool::identity(slab).expect("table slab")).expect("NPT root");
+    let n_cr3 = table.root_pointer();
+    static mut DEVICE_STATE: [u8; DEVICE_STATE_BYTES] = [0; DEVICE_STATE_BYTES];
+    static mut RING_BUF: [u8; RING_BYTES] = [0; RING_BYTES];
+    // SAFETY: these statics are borrowed here once, for the life of the loop.
+    let (device_state, ring_buf) =
+        unsafe { (&mut *core::ptr::addr_of_mut!(DEVICE_STATE), &mut *core::ptr::addr_of_mut!(RING_BUF)) };
+    let ports =
+        ImagePorts::new(TablePort::new(table, NextVmrunFlush::new(features.flush_by_asid)), device_state);
+    let mut engine = Engine::new(&shared, ports, EngineConfig::default());
+    // SAFETY: the nested table maps guest frames only; nothing else uses SVM.
+    let mut vcpu = unsafe { SvmVcpu::new(crate::svm_pages(), features, n_cr3) };
+    let mut ring = Ring::new(ring_buf);
+    let mut guest = GuestState::default();
+    let (mut exit_to_request, mut page_to_resume) = (Samples::new(), Samples::new());
+    let mut arrival: Option<u64> = None;
+    let _ = writeln!(Console, "waiting for the migration stream on COM1");
+    loop {
+        ring.fill_from(&mut rx);
+        if !engine.finished() && ring.len() > 0 {
+            let (first, second) = ring.readable();
+            match engine.receive(first, second) {
+                Ok(p) => ring.consume(p.consumed),
+                Err(e) => report_error(&e, &shared, &engine),
+            }
+        }
+        if let Some(t) = engine.ports().released.take() {
+            guest.parked = false;
+            arrival = Some(t);
+        }
+        let state = shared.state.get();
+        if !guest.restored && (matches!(state, State::Running | State::End) || engine.finished()) {
+            match guest::vcpu_record(engine.ports().device_state()) {
+                Ok(record) => {
+                    guest::restore(&mut vcpu, &record);
+                    let _ = writeln!(
+                        Console,
+                        "vCPU 0 restored: RIP {:#x}, CR3 {:#x}",
+                        record.rip.get(),
+                        record.cr3.get()
+                    );
+                }
+                Err(e) => {
+                    guest.done = true;
+                    guest.stopped = Some(e);
+                }
+            }
+            guest.restored = true;
+        }
+        if guest.restored && !guest.parked && !guest.done {
+            let tlb = engine.ports().stage2.invalidate().take();
+            if let Some(t) = arrival.take() {
+                page_to_resume.add(t, hal::cpu::rdtsc());
+            }
+            let reason = vcpu.run(tlb);
+            let at_exit = hal::cpu::rdtsc();
+            guest.exits += 1;
+            match reason {
+                ExitReason::Interrupt => {
+                    // SAFETY: the IDT handles the timer and spurious vectors.
+                    unsafe { hal::cpu::interrupt_window() }
+                }
+                ExitReason::NestedPageFault { gpa, access } => {
+                    guest.stage2_faults += 1;
+                    match shared.on_guest_fault(gpa, access, 0) {
+                        Ok(Fault::Resume) => guest.faults_served += 1,
+                        Ok(Fault::Wait { .. }) => {
+                            exit_to_request.add(at_exit, hal::cpu::rdtsc());
+                            guest.faults_served += 1;
+                            guest.parked = true;
+                        }
+                        Err(e) => {
+                            let _ = writeln!(Console, "guest fault at {gpa:#x} refused: {e:?}");
+                            guest.done = true;
+                            guest.stopped =
+                                Some("a stage-2 fault the agent refused (outside guest RAM: MMIO)");
+                        }
+                    }
+                }
+                ExitReason::Hypercall if vcpu.vmcb().rax == GUEST_RESULT => {
+                    let r = &vcpu.regs;
+                    guest.result = Some(GuestResult { checksum: r.rbx, mismatches: r.rcx, written: r.rdx });
+                    vcpu.skip_instruction(3);
+                }
+                ExitReason::Cpuid => {
+                    guest::cpuid(&mut vcpu);
+                    vcpu.skip_instruction(2);
+                }
+                ExitReason::Hlt => {
+                    vcpu.skip_instruction(1);
+                    guest.done = true;
+                }
+                ExitReason::Io { port: 0xe9, write: true, size: 1, string: false } => {
+                    let byte = vcpu.vmcb().rax as u8;
+                    let _ = write!(Console, "{}", byte as char);
+                    vcpu.vmcb().rip = vcpu.vmcb().exitinfo2;
+                }
+                other => {
+                    let rip = vcpu.vmcb().rip;
+                    let _ = writeln!(Console, "guest stopped: unhandled exit {other:x?} at RIP {rip:#x}");
+                    let _ = instruction_len(&other);
+                    guest.done = true;
+                    guest.stopped = Some("an exit the image does not emulate (see the log)");
+                }
+            }
+        }
+        if engine.finished() && guest.done {
+            report(&shared, &mut engine, &guest, &mut exit_to_request, &mut page_to_resume);
+        }
+    }
+}
+
+type ImageEngine<'s> = Engine<'s, 'static, 'static, SerialReturnPath, ImagePorts>;
+
+fn report(
+    shared: &Shared<'_, SerialReturnPath>,
+    engine: &mut ImageEngine<'_>,
+    guest: &GuestState,
+    exit_to_request: &mut Samples,
+    page_to_resume: &mut Samples,
+) -> ! {
+    let s = engine.stats();
+    let c = &shared.counters;
+    let load = |a: &agent::sync::AtomicU64| a.load(agent::sync::Ordering::Relaxed);
+    let mut w = Console;
+    let _ = write!(
+        w,
+        "RESULT {{\"state\":\"{}\",\"vendor\":\"svm\",\"stage2_faults\":{},\"faults_served\":{},\"page_requests\":{},\
+         \"pages_received\":{},\"zero_pages\":{},\"discarded_pages\":{},\"duplicate_pages\":{},\"stream_bytes\":{},\
+         \"guest_exits\":{},\"fault_exit_to_request_cycles_p50\":{},\"fault_exit_to_request_cycles_p99\":{},\
+         \"page_to_resume_cycles_p50\":{},\"page_to_resume_cycles_p99\":{},\"fault_samples\":{},",
+        shared.state.get().name(),
+        guest.stage2_faults,
+        guest.faults_served,
+        load(&c.requests),
+        s.pages + s.zero_pages,
+        s.zero_pages,
+        s.discarded_pages,
+        s.duplicate_pages,
+        s.bytes,
+        guest.exits,
+        exit_to_request.percentile(50),
+        exit_to_request.percentile(99),
+        page_to_resume.percentile(50),
+        page_to_resume.percentile(99),
+        exit_to_request.count(),
+    );
+    match guest.result {
+        Some(r) => {
+            let _ = write!(
+                w,
+                "\"guest_result\":{{\"checksum\":{},\"mismatches\":{},\"written\":{}}},",
+                r.checksum, r.mismatches, r.written
+            );
+        }
+        None => {
+            let _ = write!(w, "\"guest_result\":null,");
+        }
+    }
+    match guest.stopped {
+        Some(why) => {
+            let _ = write!(w, "\"guest_stopped\":\"{why}\",");
+        }
+        None => {
+            let _ = write!(w, "\"guest_stopped\":null,");
+        }
+    }
+    let _ = write!(w, "\"blocks\":[");
+    let layout = shared.layout();
+    for (i, &(hpa, len)) in engine.ports().blocks.iter().enumerate() {
+        let name =
+            layout.and_then(|l| l.blocks().get(i)).map(|b| core::str::from_utf8(&b.name).unwrap_or("?"));
+        let sep = if i == 0 { "" } else { "," };
+        let _ = write!(w, "{sep}{{\"name\":\"{}\",\"hpa\":{hpa},\"len\":{len}}}", name.unwrap_or("?"));
+    }
+    let _ = writeln!(w, "],\"error\":null}}");
+    exit(if guest.result.is_some() { Code::Success } else { Code::Failure })
+}
+
+/// A refused stream: the agent has sent SHUT(1); report its one-line error and end.
+fn report_error(e: &agent::Error, shared: &Shared<'_, SerialReturnPath>, engine: &ImageEngine<'_>) -> ! {
+    let _ = writeln!(
+        Console,
+        "RESULT {{\"state\":\"error\",\"vendor\":\"svm\",\"postcopy_state\":\"{}\",\"stream_bytes\":{},\"error\":\"{e}\"}}",
+        shared.state.get().name(),
+        engine.stats().bytes
+    );
+    exit(Code::Failure)
+}
