@@ -5,7 +5,7 @@
 //! vector (bit 8: APIC enabled), 0x320 LVT timer (bit 17: periodic), 0x380 initial count,
 //! 0x3e0 divide configuration (0b1011: divide by 1).
 
-use crate::cpu::rdmsr;
+use crate::cpu::{outb, rdmsr};
 
 const IA32_APIC_BASE: u32 = 0x1b;
 const EOI: usize = 0x0b0;
@@ -56,5 +56,21 @@ impl LocalApic {
     /// Signals the end of the interrupt being handled.
     pub fn end_of_interrupt(&self) {
         self.write(EOI, 0);
+    }
+}
+
+/// Masks every line of the two legacy 8259 interrupt controllers. Their power-on vectors
+/// (0x08-0x0f for the master) collide with CPU exceptions: the PIT's IRQ 0 would arrive as
+/// vector 8, a double fault.
+///
+/// # Safety
+///
+/// Ports 0x21 and 0xa1 are the PICs' mask registers (as on every pc/q35 machine and Bochs).
+pub unsafe fn mask_legacy_pic() {
+    // SAFETY: the caller guarantees the PICs are at their usual ports; masking touches no
+    // memory.
+    unsafe {
+        outb(0x21, 0xff);
+        outb(0xa1, 0xff);
     }
 }

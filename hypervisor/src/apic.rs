@@ -12,8 +12,10 @@ static APIC: Once<LocalApic> = Once::new();
 /// Timer ticks between interrupts (QEMU's APIC timer counts at 1 GHz: 1 ms).
 const PERIOD_TICKS: u32 = 1_000_000;
 
-/// Enables the local APIC and starts the periodic timer.
+/// Masks the legacy PICs, enables the local APIC and starts the periodic timer.
 pub fn init() {
+    // SAFETY: pc, q35 and Bochs have the 8259 pair at 0x20/0xa0; nothing here uses them.
+    unsafe { hal::apic::mask_legacy_pic() };
     // SAFETY: the boot page tables map the first 4 GiB 1:1, the APIC page included, and this
     // module is the only one that programs the APIC.
     let apic = APIC.call_once(|| unsafe { LocalApic::new() });

@@ -14,6 +14,8 @@ pub mod guest;
 pub mod hosted;
 pub mod install;
 pub mod oracle;
+pub mod own_source;
+pub mod pattern_guest;
 pub mod process;
 pub mod qmp;
 pub mod ram;
