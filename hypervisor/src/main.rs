@@ -40,7 +40,8 @@ extern "C" fn kmain(start_info: u32) -> ! {
     console::print("postcopy hypervisor: long mode\n");
     exceptions::init();
     apic::init();
-    if cmdline(start_info).split(' ').any(|w| w == "selftest") {
+    let words = || cmdline(start_info).split(' ');
+    if words().any(|w| w == "selftest") {
         match selftest::run() {
             Ok(()) => console::print("SVM self-test passed\n"),
             Err(e) => {
@@ -53,7 +54,8 @@ extern "C" fn kmain(start_info: u32) -> ! {
     match hal::virt::svm::vcpu::features() {
         Ok(features) => {
             let _ = writeln!(console::Console, "SVM: {features:?}");
-            run::migrate(features)
+            let at_end = if words().any(|w| w == "hold") { run::AtEnd::Hold } else { run::AtEnd::Exit };
+            run::migrate(features, at_end)
         }
         Err(e) => {
             let _ = writeln!(

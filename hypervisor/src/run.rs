@@ -53,8 +53,18 @@ struct GuestState {
     exits: u64,
 }
 
+/// How the run ends after its report.
+#[derive(Clone, Copy, Debug)]
+pub enum AtEnd {
+    /// Through isa-debug-exit (QEMU) or the shutdown port (Bochs).
+    Exit,
+    /// Halt with interrupts off, so that the harness can read guest memory from the emulator
+    /// before it ends the emulator itself (`hold` on the command line).
+    Hold,
+}
+
 /// Receives a migration over COM1 and runs the guest; never returns.
-pub fn migrate(features: Features) -> ! {
+pub fn migrate(features: Features, at_end: AtEnd) -> ! {
     // SAFETY: COM1 is the stream's 16550; this is its only set-up, and the two handles are
     // used from this one loop.
     let (mut rx, tx) = unsafe { (Uart::init(COM1), Uart::attach(COM1)) };
@@ -84,7 +94,7 @@ pub fn migrate(features: Features) -> ! {
             let (first, second) = ring.readable();
             match engine.receive(first, second) {
                 Ok(p) => ring.consume(p.consumed),
-                Err(e) => report_error(&e, &shared, &engine),
+                Err(e) => report_error(&e, &shared, &engine, at_end),
             }
         }
         if let Some(t) = engine.ports().released.take() {
@@ -112,11 +122,20 @@ pub fn migrate(features: Features) -> ! {
         }
         if guest.restored && !guest.parked && !guest.done {
             let tlb = engine.ports().stage2.invalidate().take();
-            if let Some(t) = arrival.take() {
-                page_to_resume.add(t, hal::cpu::rdtsc());
-            }
+            let resumed = arrival.take().map(|t| (t, hal::cpu::rdtsc()));
             let reason = vcpu.run(tlb);
             let at_exit = hal::cpu::rdtsc();
+            // Logged after the VMRUN, so that the log's own cost stays out of the sample.
+            if let Some((t, now)) = resumed {
+                page_to_resume.add(t, now);
+                let n = guest.stage2_faults;
+                let _ = writeln!(Console, "fault {n}: page arrived, mapped, vCPU 0 released");
+                let _ = writeln!(
+                    Console,
+                    "fault {n}: VMRUN resumed vCPU 0, {} cycles after the arrival",
+                    now - t
+                );
+            }
             guest.exits += 1;
             match reason {
                 ExitReason::Interrupt => {
@@ -125,12 +144,28 @@ pub fn migrate(features: Features) -> ! {
                 }
                 ExitReason::NestedPageFault { gpa, access } => {
                     guest.stage2_faults += 1;
-                    match shared.on_guest_fault(gpa, access, 0) {
-                        Ok(Fault::Resume) => guest.faults_served += 1,
-                        Ok(Fault::Wait { .. }) => {
-                            exit_to_request.add(at_exit, hal::cpu::rdtsc());
+                    let n = guest.stage2_faults;
+                    let fault = shared.on_guest_fault(gpa, access, 0);
+                    let now = hal::cpu::rdtsc();
+                    let rip = vcpu.vmcb().rip;
+                    let _ = writeln!(
+                        Console,
+                        "fault {n}: #NPF exit, GPA {gpa:#x}, {access:?}, guest RIP {rip:#x}"
+                    );
+                    match fault {
+                        Ok(Fault::Resume) => {
+                            guest.faults_served += 1;
+                            let _ = writeln!(Console, "fault {n}: the page is there: resume");
+                        }
+                        Ok(Fault::Wait { block, offset }) => {
+                            exit_to_request.add(at_exit, now);
                             guest.faults_served += 1;
                             guest.parked = true;
+                            let _ = writeln!(
+                                Console,
+                                "fault {n}: page request for block {block} offset {offset:#x} sent, {} cycles after the exit; vCPU 0 parked",
+                                now - at_exit
+                            );
                         }
                         Err(e) => {
                             let _ = writeln!(Console, "guest fault at {gpa:#x} refused: {e:?}");
@@ -168,7 +203,7 @@ pub fn migrate(features: Features) -> ! {
             }
         }
         if engine.finished() && guest.done {
-            report(&shared, &mut engine, &guest, &mut exit_to_request, &mut page_to_resume);
+            report(&shared, &mut engine, &guest, &mut exit_to_request, &mut page_to_resume, at_end);
         }
     }
 }
@@ -181,6 +216,7 @@ fn report(
     guest: &GuestState,
     exit_to_request: &mut Samples,
     page_to_resume: &mut Samples,
+    at_end: AtEnd,
 ) -> ! {
     let s = engine.stats();
     let c = &shared.counters;
@@ -237,16 +273,30 @@ fn report(
         let _ = write!(w, "{sep}{{\"name\":\"{}\",\"hpa\":{hpa},\"len\":{len}}}", name.unwrap_or("?"));
     }
     let _ = writeln!(w, "],\"error\":null}}");
-    exit(if guest.result.is_some() { Code::Success } else { Code::Failure })
+    end(at_end, if guest.result.is_some() { Code::Success } else { Code::Failure })
+}
+
+fn end(at_end: AtEnd, code: Code) -> ! {
+    match at_end {
+        AtEnd::Exit => exit(code),
+        AtEnd::Hold => loop {
+            hal::cpu::hlt();
+        },
+    }
 }
 
 /// A refused stream: the agent has sent SHUT(1); report its one-line error and end.
-fn report_error(e: &agent::Error, shared: &Shared<'_, SerialReturnPath>, engine: &ImageEngine<'_>) -> ! {
+fn report_error(
+    e: &agent::Error,
+    shared: &Shared<'_, SerialReturnPath>,
+    engine: &ImageEngine<'_>,
+    at_end: AtEnd,
+) -> ! {
     let _ = writeln!(
         Console,
         "RESULT {{\"state\":\"error\",\"vendor\":\"svm\",\"postcopy_state\":\"{}\",\"stream_bytes\":{},\"error\":\"{e}\"}}",
         shared.state.get().name(),
         engine.stats().bytes
     );
-    exit(Code::Failure)
+    end(at_end, Code::Failure)
 }

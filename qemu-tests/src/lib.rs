@@ -12,6 +12,7 @@ pub mod dest;
 pub mod discard_study;
 pub mod guest;
 pub mod hosted;
+pub mod image;
 pub mod install;
 pub mod oracle;
 pub mod own_source;

@@ -4,6 +4,9 @@
 //!   workspace tests (including the QEMU interop tests); prints a pass/fail summary.
 //! * `demo [ARGS]`: a live postcopy migration from QEMU into `postcopy-dest`, with
 //!   progress and a RAM check (`qemu-harness demo --help` style arguments).
+//! * `migrate [--emulator qemu] [--source own|file:PATH] [--transport serial] [--mem-mib N]
+//!   [--dump-dir DIR]`: one postcopy migration into the hypervisor image; its last stdout line
+//!   is the JSON summary scripts read.
 //! * `soak [--runs 20] [--stage2 ept,npt] [--vcpus 4] [--mem 112M] ...`: the same real
 //!   postcopy migration many times in a row (races at the end of a migration hide in one
 //!   run of several); one line per run, failures counted.
@@ -28,13 +31,15 @@ fn main() -> ExitCode {
         Some("test") => steps::test(),
         Some("demo") => harness("demo", rest.to_vec()),
         Some("soak") => harness("soak", rest.to_vec()),
+        Some("migrate") => harness("migrate", rest.to_vec()),
         Some("capture") => harness("capture", capture_args(rest)),
         Some("bench") => bench(rest),
         _ => {
             eprintln!(
                 "usage: cargo xtask test | demo [--machine pc|q35] [--mem 64M] [--precopy] \
                  [--touch random|seq] [--record FILE] | soak [--runs 20] [--stage2 ept,npt] [--vcpus 4] [--mem 112M] \
-                 [--max-bandwidth 12M] [--guest-writes] | capture [--machine pc] [--mem 320M] [--out FILE] \
+                 [--max-bandwidth 12M] [--guest-writes] | migrate [--source own|file:PATH] [--mem-mib N] [--dump-dir DIR] \
+                 | capture [--machine pc] [--mem 320M] [--out FILE] \
                  | bench [--mem 1100M]"
             );
             false

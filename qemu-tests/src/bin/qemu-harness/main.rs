@@ -6,6 +6,8 @@
 //!                      [--dirty-for SECS] [--timeout SECS]
 //!                      [--postcopy [--max-postcopy-bandwidth B] [--dest-paused]]  (via QEMU's own destination)
 //! qemu-harness demo [--machine pc|q35] [--mem 64M] [--dest PATH]
+//! qemu-harness migrate [--emulator qemu] [--source own|file:PATH] [--transport serial] [--mem-mib N]
+//!                      [--dump-dir DIR]   (one postcopy migration into the hypervisor image)
 //! qemu-harness soak [--runs 20] [--stage2 ept,npt] [--vcpus 4] [--mem 112M] [--max-bandwidth 12M]
 //!                   [--precopy-for MS] [--guest-writes]   (the same migration many times)
 //! qemu-harness load --machine pc --mem 32M [--no-vga] [--guest ARGS] --stream FILE
@@ -20,6 +22,7 @@ use qemu_tests::source::{Machine, SourceVm};
 use qemu_tests::{bail, Result};
 
 mod demo;
+mod migrate;
 mod soak;
 
 fn main() -> ExitCode {
@@ -28,6 +31,7 @@ fn main() -> ExitCode {
         Some("capture") => capture(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
         Some("soak") => soak::run(&args[1..]),
+        Some("migrate") => migrate::run(&args[1..]),
         Some("load") => load(&args[1..]),
         _ => Err(qemu_tests::Error(
             "usage: qemu-harness capture --machine pc --mem 320M --out FILE [--guest ARGS] [--fill] \
@@ -36,6 +40,7 @@ fn main() -> ExitCode {
              | demo [--machine pc|q35] [--mem 64M] [--dest PATH] [--precopy] [--touch T] [--record F] \
              | soak [--runs 20] [--stage2 ept,npt] [--vcpus 4] [--mem 112M] [--max-bandwidth 12M] \
              [--precopy-for MS] [--guest-writes] \
+             | migrate [--emulator qemu] [--source own|file:PATH] [--transport serial] [--mem-mib N] [--dump-dir DIR] \
              | load --machine pc --mem 32M [--no-vga] [--guest ARGS] --stream FILE"
                 .into(),
         )),
