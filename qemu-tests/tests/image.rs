@@ -1,0 +1,62 @@
+//! The hypervisor image under QEMU TCG (AMD SVM with nested paging): its SVM self-test, a
+//! postcopy migration of the pattern guest over COM1 served from real #NPF exits, and a
+//! hostile stream that the image refuses with a typed error and SHUT(1) while it stays up to
+//! report it.
+
+use std::time::Duration;
+
+use qemu_tests::image::{migrate, Migration, SourceKind};
+
+#[test]
+fn the_pattern_guest_migrates_into_the_image_and_its_faults_are_served() {
+    let (line, log) = migrate(&Migration { mem_mib: 4, ..Migration::default() }).expect("migration runs");
+    assert_eq!(line["state"], "END", "{line}\n{log}");
+    assert_eq!(line["vendor"], "svm");
+    assert_eq!(line["guest_ok"], true, "{line}");
+    assert_eq!(line["ram_equal"], true, "{line}");
+    let faults = line["stage2_faults"].as_u64().unwrap();
+    assert!(faults > 0, "no #NPF exit: {line}");
+    assert_eq!(line["faults_served"].as_u64(), Some(faults), "every fault served: {line}");
+    assert!(line["page_requests"].as_u64().unwrap() > 0, "{line}");
+    assert!(line["source"]["requested_pages"].as_u64().unwrap() > 0, "the source served requests first: {line}");
+    assert_eq!(line["source"]["shut"], 0, "SHUT(0): {line}");
+    // The log shows each fault's exit, request, arrival and resume.
+    for step in ["#NPF exit, GPA", "page request for block 0", "page arrived, mapped", "VMRUN resumed vCPU 0"] {
+        assert!(log.contains(step), "{step:?} missing from the log:\n{log}");
+    }
+}
+
+#[test]
+fn a_hostile_stream_is_refused_with_a_typed_error_and_shut_1() {
+    // A valid start, then a RAM_DISCARD range past the block: refused at its offset.
+    let mut s = agent::testing::StreamBuilder::new();
+    s.header().configuration(b"postcopy-test").command(agent::wire::command::Command::OpenReturnPath);
+    s.advise(4096, 4096).ram_start(2, &[(b"ram", 2 << 20)]).discard(b"ram", &[(0x1f_f000, 0x2000)]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hostile.bin");
+    std::fs::write(&file, &s.bytes).unwrap();
+    let m = Migration { source: SourceKind::File(file), timeout: Duration::from_secs(60), ..Migration::default() };
+    let (line, log) = migrate(&m).expect("the run ends with a report");
+    assert_eq!(line["state"], "error", "{line}\n{log}");
+    let error = line["error"].as_str().unwrap();
+    assert!(error.contains("DiscardLength") && error.starts_with("stream offset "), "{error}");
+    assert_eq!(line["source"]["shut"], 1, "SHUT(1) on the return path: {line}");
+    assert!(!log.contains("EXCEPTION") && !log.contains("PANIC"), "{log}");
+}
+
+#[test]
+fn the_svm_self_test_takes_a_nested_page_fault() {
+    let image = qemu_tests::image::build_image().unwrap();
+    let qemu = qemu_tests::install::qemu().unwrap();
+    let mut cmd = std::process::Command::new(qemu);
+    cmd.args(["-accel", "tcg", "-cpu", "max", "-m", "256M", "-display", "none", "-no-reboot", "-no-user-config"])
+        .arg("-kernel")
+        .arg(&image)
+        .args(["-append", "selftest", "-serial", "none", "-debugcon", "stdio"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0x21), "isa-debug-exit success: {text}");
+    assert!(text.contains("selftest exit 1: NestedPageFault { gpa: 2000, access: Read }"), "{text}");
+    assert!(text.contains("SVM self-test passed"), "{text}");
+}
