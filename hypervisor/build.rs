@@ -1,4 +1,5 @@
-//! Links the image with `linker/hypervisor.ld` (PVH note, loaded at 1 MiB), statically.
+//! Links the image with `linker/hypervisor.ld` (PVH note, loaded at 1 MiB), statically, and
+//! defmt's `defmt.x` (the `.defmt` section the host decoder reads).
 use std::path::PathBuf;
 
 fn main() {
@@ -12,4 +13,6 @@ fn main() {
     println!("cargo:rerun-if-changed={}", script.display());
     println!("cargo:rustc-link-arg-bins=-T{}", script.display());
     println!("cargo:rustc-link-arg-bins=--no-pie");
+    // defmt's table of interned strings (its crate puts defmt.x on the search path).
+    println!("cargo:rustc-link-arg-bins=-Tdefmt.x");
 }

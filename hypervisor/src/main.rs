@@ -22,6 +22,8 @@ mod exit;
 #[cfg(target_os = "none")]
 mod guest;
 #[cfg(target_os = "none")]
+mod log;
+#[cfg(target_os = "none")]
 mod memory;
 #[cfg(target_os = "none")]
 mod platform;
@@ -38,6 +40,8 @@ mod transport;
 extern "C" fn kmain(start_info: u32) -> ! {
     use core::fmt::Write;
     console::print("postcopy hypervisor: long mode\n");
+    log::init();
+    defmt::info!("postcopy hypervisor: long mode");
     exceptions::init();
     apic::init();
     let words = || cmdline(start_info).split(' ');
@@ -53,7 +57,7 @@ extern "C" fn kmain(start_info: u32) -> ! {
     }
     match hal::virt::svm::vcpu::features() {
         Ok(features) => {
-            let _ = writeln!(console::Console, "SVM: {features:?}");
+            defmt::info!("SVM: {}", defmt::Debug2Format(&features));
             let at_end = if words().any(|w| w == "hold") { run::AtEnd::Hold } else { run::AtEnd::Exit };
             run::migrate(features, at_end)
         }

@@ -10,9 +10,8 @@ use hal::serial::{Uart, COM1};
 use hal::stage2::invalidate::NextVmrunFlush;
 use hal::stage2::port::TablePort;
 use hal::stage2::{FramePool, Npt, Stage2};
-use hal::virt::svm::exit::instruction_len;
 use hal::virt::svm::vcpu::{Features, SvmVcpu};
-use hal::virt::ExitReason;
+use hal::virt::{Access, ExitReason};
 
 use crate::console::Console;
 use crate::cycles::Samples;
@@ -87,7 +86,9 @@ pub fn migrate(features: Features, at_end: AtEnd) -> ! {
     let mut guest = GuestState::default();
     let (mut exit_to_request, mut page_to_resume) = (Samples::new(), Samples::new());
     let mut arrival: Option<u64> = None;
+    // The harness waits for this line before it connects (COM1's set-up resets its FIFO).
     let _ = writeln!(Console, "waiting for the migration stream on COM1");
+    defmt::info!("waiting for the migration stream on COM1");
     loop {
         ring.fill_from(&mut rx);
         if !engine.finished() && ring.len() > 0 {
@@ -106,14 +107,14 @@ pub fn migrate(features: Features, at_end: AtEnd) -> ! {
             match guest::vcpu_record(engine.ports().device_state()) {
                 Ok(record) => {
                     guest::restore(&mut vcpu, &record);
-                    let _ = writeln!(
-                        Console,
-                        "vCPU 0 restored: RIP {:#x}, CR3 {:#x}",
+                    defmt::info!(
+                        "vCPU 0 restored from the migrated record: RIP {=u64:#x}, CR3 {=u64:#x}",
                         record.rip.get(),
                         record.cr3.get()
                     );
                 }
                 Err(e) => {
+                    defmt::error!("no vCPU to run: {=str}", e);
                     guest.done = true;
                     guest.stopped = Some(e);
                 }
@@ -129,10 +130,10 @@ pub fn migrate(features: Features, at_end: AtEnd) -> ! {
             if let Some((t, now)) = resumed {
                 page_to_resume.add(t, now);
                 let n = guest.stage2_faults;
-                let _ = writeln!(Console, "fault {n}: page arrived, mapped, vCPU 0 released");
-                let _ = writeln!(
-                    Console,
-                    "fault {n}: VMRUN resumed vCPU 0, {} cycles after the arrival",
+                defmt::info!("fault {=u64}: page arrived, mapped, vCPU 0 released", n);
+                defmt::info!(
+                    "fault {=u64}: VMRUN resumed vCPU 0, {=u64} cycles after the arrival",
+                    n,
                     now - t
                 );
             }
@@ -148,27 +149,41 @@ pub fn migrate(features: Features, at_end: AtEnd) -> ! {
                     let fault = shared.on_guest_fault(gpa, access, 0);
                     let now = hal::cpu::rdtsc();
                     let rip = vcpu.vmcb().rip;
-                    let _ = writeln!(
-                        Console,
-                        "fault {n}: #NPF exit, GPA {gpa:#x}, {access:?}, guest RIP {rip:#x}"
+                    let kind = match access {
+                        Access::Read => "read",
+                        Access::Write => "write",
+                        Access::Execute => "fetch",
+                    };
+                    defmt::info!(
+                        "fault {=u64}: #NPF exit, GPA {=u64:#x}, {=str}, guest RIP {=u64:#x}",
+                        n,
+                        gpa,
+                        kind,
+                        rip
                     );
                     match fault {
                         Ok(Fault::Resume) => {
                             guest.faults_served += 1;
-                            let _ = writeln!(Console, "fault {n}: the page is there: resume");
+                            defmt::info!("fault {=u64}: the page is there: resume", n);
                         }
                         Ok(Fault::Wait { block, offset }) => {
                             exit_to_request.add(at_exit, now);
                             guest.faults_served += 1;
                             guest.parked = true;
-                            let _ = writeln!(
-                                Console,
-                                "fault {n}: page request for block {block} offset {offset:#x} sent, {} cycles after the exit; vCPU 0 parked",
+                            defmt::info!(
+                                "fault {=u64}: page request for block {=usize} offset {=u64:#x} sent, {=u64} cycles after the exit; vCPU 0 parked",
+                                n,
+                                block,
+                                offset,
                                 now - at_exit
                             );
                         }
                         Err(e) => {
-                            let _ = writeln!(Console, "guest fault at {gpa:#x} refused: {e:?}");
+                            defmt::error!(
+                                "guest fault at {=u64:#x} refused: {}",
+                                gpa,
+                                defmt::Debug2Format(&e)
+                            );
                             guest.done = true;
                             guest.stopped =
                                 Some("a stage-2 fault the agent refused (outside guest RAM: MMIO)");
@@ -178,6 +193,12 @@ pub fn migrate(features: Features, at_end: AtEnd) -> ! {
                 ExitReason::Hypercall if vcpu.vmcb().rax == GUEST_RESULT => {
                     let r = &vcpu.regs;
                     guest.result = Some(GuestResult { checksum: r.rbx, mismatches: r.rcx, written: r.rdx });
+                    defmt::info!(
+                        "guest result: checksum {=u64:#x}, {=u64} mismatches, {=u64} pages written",
+                        r.rbx,
+                        r.rcx,
+                        r.rdx
+                    );
                     vcpu.skip_instruction(3);
                 }
                 ExitReason::Cpuid => {
@@ -195,8 +216,11 @@ pub fn migrate(features: Features, at_end: AtEnd) -> ! {
                 }
                 other => {
                     let rip = vcpu.vmcb().rip;
-                    let _ = writeln!(Console, "guest stopped: unhandled exit {other:x?} at RIP {rip:#x}");
-                    let _ = instruction_len(&other);
+                    defmt::error!(
+                        "guest stopped: unhandled exit {} at RIP {=u64:#x}",
+                        defmt::Debug2Format(&other),
+                        rip
+                    );
                     guest.done = true;
                     guest.stopped = Some("an exit the image does not emulate (see the log)");
                 }
@@ -286,12 +310,17 @@ fn end(at_end: AtEnd, code: Code) -> ! {
 }
 
 /// A refused stream: the agent has sent SHUT(1); report its one-line error and end.
+fn report_error_defmt(e: &agent::Error) {
+    defmt::error!("stream refused, SHUT(1) sent: {}", defmt::Display2Format(e));
+}
+
 fn report_error(
     e: &agent::Error,
     shared: &Shared<'_, SerialReturnPath>,
     engine: &ImageEngine<'_>,
     at_end: AtEnd,
 ) -> ! {
+    report_error_defmt(e);
     let _ = writeln!(
         Console,
         "RESULT {{\"state\":\"error\",\"vendor\":\"svm\",\"postcopy_state\":\"{}\",\"stream_bytes\":{},\"error\":\"{e}\"}}",

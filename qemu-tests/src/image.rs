@@ -89,6 +89,8 @@ struct Machine {
     qmp: Qmp,
     com1: PathBuf,
     log: PathBuf,
+    defmt: PathBuf,
+    image: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -98,6 +100,7 @@ impl Machine {
         let dir = tempfile::Builder::new().prefix("image-").tempdir()?;
         let (com1, qmp, log) =
             (dir.path().join("com1.sock"), dir.path().join("qmp.sock"), dir.path().join("debugcon.log"));
+        let defmt = dir.path().join("com2.defmt");
         let mut cmd = Command::new(qemu);
         cmd.args(["-accel", "tcg", "-cpu", "max", "-m", &format!("{MACHINE_MIB}M"), "-display", "none"])
             .args(["-monitor", "none", "-parallel", "none", "-nic", "none", "-no-user-config", "-no-reboot"])
@@ -107,6 +110,8 @@ impl Machine {
             .arg("-chardev")
             .arg(format!("socket,id=com1,path={},server=on,wait=off", com1.display()))
             .args(["-serial", "chardev:com1"])
+            .arg("-serial")
+            .arg(format!("file:{}", defmt.display()))
             .arg("-debugcon")
             .arg(format!("file:{}", log.display()))
             .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
@@ -124,7 +129,7 @@ impl Machine {
             std::thread::sleep(Duration::from_millis(20));
         }
         let qmp = Qmp::connect(&qmp, Duration::from_secs(20))?;
-        Ok(Machine { child, qmp, com1, log, _dir: dir })
+        Ok(Machine { child, qmp, com1, log, defmt, image: image.to_path_buf(), _dir: dir })
     }
 
     /// Waits until the image has set COM1 up (its FIFO reset would drop earlier bytes).
@@ -158,7 +163,9 @@ impl Machine {
     fn wait_result(&mut self, deadline: Instant) -> Result<Value> {
         loop {
             let log = self.log();
-            if let Some(line) = log.lines().find_map(|l| l.strip_prefix("RESULT ")) {
+            // Only a whole line: the image may be writing it while it is read.
+            let whole = log.split_inclusive('\n').filter_map(|l| l.strip_suffix('\n'));
+            if let Some(line) = whole.filter_map(|l| l.strip_prefix("RESULT ")).next() {
                 return Ok(serde_json::from_str(line)?);
             }
             if let Some(status) = self.child.try_status()? {
@@ -184,10 +191,16 @@ impl Machine {
         Ok(std::fs::read(&file)?)
     }
 
+    /// Ends QEMU; returns the run's log: the debug console, then the defmt log (COM2)
+    /// decoded with the image's `.defmt` table.
     fn quit(mut self) -> String {
         let _ = self.qmp.execute("quit", json!({}));
         let _ = self.child.wait_or_kill(Duration::from_secs(10));
-        self.log()
+        let decoded = match (std::fs::read(&self.image), std::fs::read(&self.defmt)) {
+            (Ok(elf), Ok(frames)) => decode_defmt(&elf, &frames),
+            (Err(e), _) | (_, Err(e)) => format!("(no defmt log: {e})"),
+        };
+        format!("{}\n--- defmt log (COM2), decoded ---\n{decoded}", self.log())
     }
 }
 
@@ -368,4 +381,34 @@ fn check(
         format!("{} pages differ, first at {:#x?}", differ.len(), &differ[..differ.len().min(8)])
     };
     Ok((guest_ok, ram_equal, note))
+}
+
+/// The defmt frames of `frames`, decoded with the `.defmt` table of the ELF `elf`, one line
+/// each.
+pub fn decode_defmt(elf: &[u8], frames: &[u8]) -> String {
+    let table = match defmt_decoder::Table::parse(elf) {
+        Ok(Some(t)) => t,
+        Ok(None) => return "(the image has no .defmt section)".into(),
+        Err(e) => return format!("(the image's .defmt table does not parse: {e})"),
+    };
+    let mut decoder = table.new_stream_decoder();
+    decoder.received(frames);
+    let mut out = String::new();
+    loop {
+        match decoder.decode() {
+            Ok(frame) => {
+                out.push_str(&frame.display(false).to_string());
+                out.push('\n');
+            }
+            Err(defmt_decoder::DecodeError::UnexpectedEof) => break,
+            Err(defmt_decoder::DecodeError::Malformed) => {
+                out.push_str("(a malformed frame)\n");
+                if table.encoding().can_recover() {
+                    continue;
+                }
+                break;
+            }
+        }
+    }
+    out
 }

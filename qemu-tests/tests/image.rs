@@ -18,10 +18,14 @@ fn the_pattern_guest_migrates_into_the_image_and_its_faults_are_served() {
     assert!(faults > 0, "no #NPF exit: {line}");
     assert_eq!(line["faults_served"].as_u64(), Some(faults), "every fault served: {line}");
     assert!(line["page_requests"].as_u64().unwrap() > 0, "{line}");
-    assert!(line["source"]["requested_pages"].as_u64().unwrap() > 0, "the source served requests first: {line}");
+    assert!(
+        line["source"]["requested_pages"].as_u64().unwrap() > 0,
+        "the source served requests first: {line}"
+    );
     assert_eq!(line["source"]["shut"], 0, "SHUT(0): {line}");
     // The log shows each fault's exit, request, arrival and resume.
-    for step in ["#NPF exit, GPA", "page request for block 0", "page arrived, mapped", "VMRUN resumed vCPU 0"] {
+    for step in ["#NPF exit, GPA", "page request for block 0", "page arrived, mapped", "VMRUN resumed vCPU 0"]
+    {
         assert!(log.contains(step), "{step:?} missing from the log:\n{log}");
     }
 }
@@ -35,7 +39,11 @@ fn a_hostile_stream_is_refused_with_a_typed_error_and_shut_1() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("hostile.bin");
     std::fs::write(&file, &s.bytes).unwrap();
-    let m = Migration { source: SourceKind::File(file), timeout: Duration::from_secs(60), ..Migration::default() };
+    let m = Migration {
+        source: SourceKind::File(file),
+        timeout: Duration::from_secs(60),
+        ..Migration::default()
+    };
     let (line, log) = migrate(&m).expect("the run ends with a report");
     assert_eq!(line["state"], "error", "{line}\n{log}");
     let error = line["error"].as_str().unwrap();
@@ -49,11 +57,22 @@ fn the_svm_self_test_takes_a_nested_page_fault() {
     let image = qemu_tests::image::build_image().unwrap();
     let qemu = qemu_tests::install::qemu().unwrap();
     let mut cmd = std::process::Command::new(qemu);
-    cmd.args(["-accel", "tcg", "-cpu", "max", "-m", "256M", "-display", "none", "-no-reboot", "-no-user-config"])
-        .arg("-kernel")
-        .arg(&image)
-        .args(["-append", "selftest", "-serial", "none", "-debugcon", "stdio"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-m",
+        "256M",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-no-user-config",
+    ])
+    .arg("-kernel")
+    .arg(&image)
+    .args(["-append", "selftest", "-serial", "none", "-debugcon", "stdio"])
+    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
     let out = cmd.output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0x21), "isa-debug-exit success: {text}");
