@@ -7,7 +7,8 @@
 //! * `migrate [--emulator qemu] [--source own|file:PATH] [--transport serial] [--mem-mib N]
 //!   [--dump-dir DIR]`: one postcopy migration into the hypervisor image; its last stdout line
 //!   is the JSON summary scripts read.
-//! * `soak [--runs 20] [--stage2 ept,npt] [--vcpus 4] [--mem 112M] ...`: the same real
+//! * `soak [--runs 20] [--stage2 ept,npt] [--vcpus 4] [--mem 112M] ...` (or `soak --image
+//!   [--runs 20] [--mem-mib 2,4,6]` for the hypervisor image): the same real
 //!   postcopy migration many times in a row (races at the end of a migration hide in one
 //!   run of several); one line per run, failures counted.
 //! * `capture [--machine pc] [--mem 320M] [--out FILE] [ARGS]`: record a large precopy

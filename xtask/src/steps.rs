@@ -30,6 +30,12 @@ fn steps() -> Vec<(&'static str, Step, Option<&'static str>)> {
             None,
         ),
         (
+            "fmt pattern-guest",
+            Step::Cargo(&["fmt", "--manifest-path", "guests/pattern-guest/Cargo.toml", "--check"], &[]),
+            None,
+        ),
+        ("clippy test guests (bare metal)", Step::Check(clippy_guests), None),
+        (
             "clippy",
             Step::Cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &[]),
             None,
@@ -107,6 +113,19 @@ pub fn test() -> bool {
     }
     println!("{}", if all { "all steps passed" } else { "SOME STEPS FAILED" });
     all
+}
+
+/// `cargo clippy -D warnings` on the two test guests, each from its own directory (its
+/// `.cargo/config.toml`, where it has one, sets the target and code model), bare metal.
+fn clippy_guests() -> bool {
+    ["qemu-tests/dirty-guest", "guests/pattern-guest"].iter().all(|dir| {
+        let mut cmd = cargo();
+        cmd.current_dir(root().join(dir))
+            .args(["clippy", "--release", "--target", "x86_64-unknown-none", "--target-dir"])
+            .arg(target_dir().join("guests-clippy"))
+            .args(["--", "-D", "warnings"]);
+        run(cmd)
+    })
 }
 
 /// `RUSTFLAGS="--cfg loom" cargo test -p agent --test loom --release`, in a target directory

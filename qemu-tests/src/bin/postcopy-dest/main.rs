@@ -135,8 +135,14 @@ type Connection = (Box<dyn Read + Send>, Option<Box<dyn Write + Send>>);
 fn connect(source: &Source) -> Result<Connection, String> {
     match source {
         Source::Unix(path) => {
+            // Bound (and listening) under a temporary name, then renamed: the socket appears
+            // at PATH only once a connect there succeeds, so a caller may wait for the file.
             let _ = std::fs::remove_file(path);
-            let listener = UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))?;
+            let mut tmp = path.as_os_str().to_owned();
+            tmp.push(format!(".{}", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            let listener = UnixListener::bind(&tmp).map_err(|e| format!("bind {}: {e}", path.display()))?;
+            std::fs::rename(&tmp, path).map_err(|e| format!("rename to {}: {e}", path.display()))?;
             let (stream, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
             let rp = stream.try_clone().map_err(|e| format!("clone socket: {e}"))?;
             Ok((Box::new(stream), Some(Box::new(rp))))

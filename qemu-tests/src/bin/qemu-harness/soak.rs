@@ -5,6 +5,9 @@
 //! the same stream); each run prints one line, failures included, and the summary counts
 //! them per table format.
 //!
+//! `soak --image [--runs 20] [--mem-mib 2,4,6] [--background-pause-ms 0,5]` does the same for
+//! the hypervisor image under QEMU TCG (the project's source, `cargo xtask migrate`'s check).
+//!
 //! Flags: `--runs 20`, `--stage2 ept,npt`, `--vcpus 4`, `--mem 112M`, `--max-bandwidth 12M`
 //! (bytes/s during precopy; postcopy is unlimited), `--precopy-for 2000` (ms), `--machine pc`,
 //! `--guest "rate=4096 fill"` (RAM filled first, so 2 s of precopy cannot finish it),
@@ -35,6 +38,9 @@ fn bytes_per_s(s: &str) -> Result<u64> {
 }
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
+    if args.first().map(String::as_str) == Some("--image") {
+        return image_runs(&args[1..]);
+    }
     let flags = Flags::new(
         args,
         &[
@@ -128,6 +134,55 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     }
     let counts: Vec<String> = per_format.iter().map(|(f, ok, n)| format!("{f} {ok}/{n}")).collect();
     println!("soak: {}/{runs} passed ({})", runs - failed.len(), counts.join(", "));
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        bail!("runs {failed:?} failed")
+    }
+}
+
+/// The image's migration, many times: every combination of guest RAM size and background
+/// pause in turn; each run must end with `state` END, `guest_ok` and `ram_equal`.
+fn image_runs(args: &[String]) -> Result<()> {
+    use qemu_tests::image::{migrate, Migration};
+    let flags = Flags::new(args, &["--runs", "--mem-mib", "--background-pause-ms"], &[])?;
+    let runs: usize =
+        flags.get("--runs").unwrap_or("20").parse().map_err(|_| qemu_tests::Error("bad --runs".into()))?;
+    let number = |s: &str| s.parse::<u64>().map_err(|_| qemu_tests::Error(format!("bad number {s}")));
+    let mems = list(&flags, "--mem-mib", "2,4,6", number)?;
+    let pauses = list(&flags, "--background-pause-ms", "0,5", number)?;
+    let mut failed = Vec::new();
+    for i in 0..runs {
+        let (mem, pause) = (mems[i % mems.len()], pauses[i / mems.len() % pauses.len()]);
+        let m = Migration {
+            mem_mib: mem,
+            background_pause: Duration::from_millis(pause),
+            ..Migration::default()
+        };
+        let what = format!("{mem} MiB, background pause {pause} ms");
+        let start = Instant::now();
+        let verdict = migrate(&m).and_then(|(line, _log)| {
+            if line["state"] == "END" && line["guest_ok"] == true && line["ram_equal"] == true {
+                Ok(format!(
+                    "{} #NPF exits served, {} requests ({} served first), exit→request p50 {} cycles, page→resume p50 {}",
+                    line["faults_served"], line["page_requests"], line["source"]["requested_pages"],
+                    line["fault_exit_to_request_cycles_p50"], line["page_to_resume_cycles_p50"]
+                ))
+            } else {
+                bail!("{line}")
+            }
+        });
+        match verdict {
+            Ok(l) => {
+                println!("run {:>2}/{runs} ok   {:5.1} s  {what}: {l}", i + 1, start.elapsed().as_secs_f64())
+            }
+            Err(e) => {
+                println!("run {:>2}/{runs} FAIL {:5.1} s  {what}: {e}", i + 1, start.elapsed().as_secs_f64());
+                failed.push(i + 1);
+            }
+        }
+    }
+    println!("soak --image: {}/{runs} passed", runs - failed.len());
     if failed.is_empty() {
         Ok(())
     } else {
