@@ -49,8 +49,9 @@ fn steps() -> Vec<(&'static str, Step, Option<&'static str>)> {
             None,
         ),
         (
-            // The bare-metal-only code (INVEPT, MOVNTI placement) is linted only here.
-            "agent and hal for x86_64-unknown-none (clippy)",
+            // The bare-metal-only code (the image, SVM, INVEPT, MOVNTI placement) is linted
+            // only here.
+            "agent, hal and the hypervisor image for x86_64-unknown-none (clippy)",
             Step::Cargo(
                 &[
                     "clippy",
@@ -58,6 +59,8 @@ fn steps() -> Vec<(&'static str, Step, Option<&'static str>)> {
                     "agent",
                     "-p",
                     "hal",
+                    "-p",
+                    "hypervisor",
                     "--target",
                     "x86_64-unknown-none",
                     "--",
