@@ -22,7 +22,7 @@ boot_pdpt: .skip 4096
 boot_pd:   .skip 4 * 4096
 
     .section .bss.stack, "aw", @nobits
-    .p2align 4
+    .p2align 12
     .skip 1024 * 1024
 
     .section .rodata

@@ -26,6 +26,8 @@ mod log;
 #[cfg(target_os = "none")]
 mod memory;
 #[cfg(target_os = "none")]
+mod paging;
+#[cfg(target_os = "none")]
 mod platform;
 #[cfg(target_os = "none")]
 mod run;
@@ -43,8 +45,17 @@ extern "C" fn kmain(start_info: u32) -> ! {
     log::init();
     defmt::info!("postcopy hypervisor: long mode");
     exceptions::init();
+    paging::init();
     apic::init();
     let words = || cmdline(start_info).split(' ');
+    // Checks of the failure reports: an invalid opcode, and a stack overflow into the guard.
+    if words().any(|w| w == "selftest-ud2") {
+        // SAFETY: UD2 raises #UD, which the IDT reports before ending the run.
+        unsafe { core::arch::asm!("ud2") };
+    }
+    if words().any(|w| w == "selftest-overflow") {
+        selftest::overflow(0);
+    }
     if words().any(|w| w == "selftest") {
         match selftest::run() {
             Ok(()) => console::print("SVM self-test passed\n"),

@@ -70,3 +70,14 @@ fn run_to_exit(vcpu: &mut SvmVcpu, mut tlb: TlbControl) -> ExitReason {
         }
     }
 }
+
+/// Recurses until the stack runs into its guard page (a page fault on the guard, reported as
+/// a double fault from its own stack).
+pub fn overflow(depth: u64) -> u64 {
+    let frame = core::hint::black_box([depth; 64]);
+    // A bound the compiler cannot see through, never reached: the guard page comes first.
+    if depth == core::hint::black_box(u64::MAX) {
+        return frame[0];
+    }
+    frame[0] + overflow(depth + 1)
+}

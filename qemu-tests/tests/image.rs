@@ -52,30 +52,34 @@ fn a_hostile_stream_is_refused_with_a_typed_error_and_shut_1() {
     assert!(!log.contains("EXCEPTION") && !log.contains("PANIC"), "{log}");
 }
 
-#[test]
-fn the_svm_self_test_takes_a_nested_page_fault() {
+/// Boots the image with `append` on its command line; its exit code and debug console.
+fn boot(append: &str) -> (Option<i32>, String) {
     let image = qemu_tests::image::build_image().unwrap();
     let qemu = qemu_tests::install::qemu().unwrap();
     let mut cmd = std::process::Command::new(qemu);
-    cmd.args([
-        "-accel",
-        "tcg",
-        "-cpu",
-        "max",
-        "-m",
-        "256M",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-no-user-config",
-    ])
-    .arg("-kernel")
-    .arg(&image)
-    .args(["-append", "selftest", "-serial", "none", "-debugcon", "stdio"])
-    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+    cmd.args(["-accel", "tcg", "-cpu", "max", "-m", "256M", "-display", "none", "-no-reboot"])
+        .args(["-no-user-config", "-serial", "none", "-debugcon", "stdio", "-append", append])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-kernel"])
+        .arg(&image);
     let out = cmd.output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0x21), "isa-debug-exit success: {text}");
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn the_svm_self_test_takes_a_nested_page_fault() {
+    let (code, text) = boot("selftest");
+    assert_eq!(code, Some(0x21), "isa-debug-exit success: {text}");
     assert!(text.contains("selftest exit 1: NestedPageFault { gpa: 2000, access: Read }"), "{text}");
     assert!(text.contains("SVM self-test passed"), "{text}");
+}
+
+#[test]
+fn exceptions_and_stack_overflows_are_reported_and_end_the_run_with_a_failure_code() {
+    let (code, text) = boot("selftest-ud2");
+    assert_eq!(code, Some(0x23), "isa-debug-exit failure: {text}");
+    assert!(text.contains("EXCEPTION vector 6 (#UD invalid opcode) at RIP 0x"), "{text}");
+    // Into the unmapped guard page under the stack: #PF, then #DF on its own stack.
+    let (code, text) = boot("selftest-overflow");
+    assert_eq!(code, Some(0x23), "isa-debug-exit failure: {text}");
+    assert!(text.contains("EXCEPTION vector 8 (#DF double fault)"), "{text}");
 }
