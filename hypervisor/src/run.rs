@@ -310,17 +310,13 @@ fn end(at_end: AtEnd, code: Code) -> ! {
 }
 
 /// A refused stream: the agent has sent SHUT(1); report its one-line error and end.
-fn report_error_defmt(e: &agent::Error) {
-    defmt::error!("stream refused, SHUT(1) sent: {}", defmt::Display2Format(e));
-}
-
 fn report_error(
     e: &agent::Error,
     shared: &Shared<'_, SerialReturnPath>,
     engine: &ImageEngine<'_>,
     at_end: AtEnd,
 ) -> ! {
-    report_error_defmt(e);
+    defmt::error!("stream refused, SHUT(1) sent: {}", defmt::Display2Format(e));
     let _ = writeln!(
         Console,
         "RESULT {{\"state\":\"error\",\"vendor\":\"svm\",\"postcopy_state\":\"{}\",\"stream_bytes\":{},\"error\":\"{e}\"}}",
