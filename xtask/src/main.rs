@@ -96,7 +96,7 @@ pub fn run(mut cmd: Command) -> bool {
 
 /// Builds `qemu-harness` (and `postcopy-dest` for the demo), then runs
 /// `qemu-harness <sub> ARGS`.
-fn harness(sub: &str, args: Vec<String>) -> bool {
+pub fn harness(sub: &str, args: Vec<String>) -> bool {
     if !prereq::qemu() || !prereq::objcopy() {
         return false;
     }

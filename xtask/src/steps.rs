@@ -7,7 +7,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use crate::{cargo, prereq, root, run, target_dir};
+use crate::{cargo, harness, prereq, root, run, target_dir};
 
 /// One check.
 enum Step {
@@ -76,6 +76,8 @@ fn steps() -> Vec<(&'static str, Step, Option<&'static str>)> {
             Step::Cargo(&["test", "--workspace", "--no-fail-fast"], &[]),
             None,
         ),
+        // The interface scripts use, end to end: exit 0 only for a checked migration.
+        ("cargo xtask migrate (the image under QEMU, SVM)", Step::Check(migrate), None),
         ("loom models (agent shared state)", Step::Check(loom), Some("agent/tests/loom.rs")),
         ("fuzz target: build and run on the captures", Step::Check(fuzz), Some("fuzz/Cargo.toml")),
     ]
@@ -116,6 +118,11 @@ pub fn test() -> bool {
     }
     println!("{}", if all { "all steps passed" } else { "SOME STEPS FAILED" });
     all
+}
+
+/// `cargo xtask migrate --mem-mib 4`: one postcopy migration into the image, checked.
+fn migrate() -> bool {
+    harness("migrate", vec!["--mem-mib".into(), "4".into()])
 }
 
 /// `cargo clippy -D warnings` on the two test guests, each from its own directory (its
