@@ -41,6 +41,7 @@ mod transport;
 #[no_mangle]
 extern "C" fn kmain(start_info: u32) -> ! {
     use core::fmt::Write;
+    use hal::stage2::invalidate::NextVmrunFlush;
     console::print("postcopy hypervisor: long mode\n");
     log::init();
     defmt::info!("postcopy hypervisor: long mode");
@@ -66,20 +67,53 @@ extern "C" fn kmain(start_info: u32) -> ! {
         }
         exit::exit(exit::Code::Success)
     }
-    match hal::virt::svm::vcpu::features() {
-        Ok(features) => {
-            defmt::info!("SVM: {}", defmt::Debug2Format(&features));
-            let at_end = if words().any(|w| w == "hold") { run::AtEnd::Hold } else { run::AtEnd::Exit };
-            run::migrate(features, at_end)
-        }
-        Err(e) => {
-            let _ = writeln!(
-                console::Console,
-                "RESULT {{\"state\":\"error\",\"error\":\"SVM unavailable: {e:?}\"}}"
-            );
-            exit::exit(exit::Code::Failure)
-        }
+    let (_, b, c, d) = hal::cpu::cpuid(0, 0);
+    let vendor = [b.to_le_bytes(), d.to_le_bytes(), c.to_le_bytes()];
+    defmt::info!("CPU vendor {=[u8]:a}", vendor.as_flattened());
+    let at_end = if words().any(|w| w == "hold") { run::AtEnd::Hold } else { run::AtEnd::Exit };
+    // The vendor from CPUID: SVM with nested paging, else VMX with EPT.
+    use hal::virt::svm::vcpu::SvmVcpu;
+    use hal::virt::vmx::vcpu::VmxVcpu;
+    let svm = hal::virt::svm::vcpu::features();
+    if let Ok(features) = svm {
+        defmt::info!("SVM: {}", defmt::Debug2Format(&features));
+        run::migrate(
+            |n_cr3| {
+                // SAFETY: the nested table maps guest frames only; nothing else uses SVM.
+                let vcpu = unsafe { SvmVcpu::new(svm_pages(), features, n_cr3) };
+                (vcpu, NextVmrunFlush::new(features.flush_by_asid))
+            },
+            at_end,
+        )
     }
+    let vmx = hal::virt::vmx::vcpu::available();
+    if vmx.is_ok() {
+        defmt::info!("VMX with EPT");
+        run::migrate(
+            |eptp| {
+                // SAFETY: the EPT table maps guest frames only; nothing else uses VMX; the GDT,
+                // IDT and TSS loaded at boot stay.
+                match unsafe { VmxVcpu::new(vmx_pages(), eptp) } {
+                    // SAFETY: the vCPU keeps this CPU in VMX root operation for the rest of the
+                    // run, and `available` checked single- and all-context INVEPT.
+                    Ok(vcpu) => (vcpu, unsafe { hal::stage2::invalidate::Invept::new() }),
+                    Err(e) => {
+                        let _ = writeln!(
+                            console::Console,
+                            "RESULT {{\"state\":\"error\",\"vendor\":\"vmx\",\"error\":\"VMX set-up failed: {e:?}\"}}"
+                        );
+                        exit::exit(exit::Code::Failure)
+                    }
+                }
+            },
+            at_end,
+        )
+    }
+    let _ = writeln!(
+        console::Console,
+        "RESULT {{\"state\":\"error\",\"error\":\"no SVM with nested paging ({svm:?}), no VMX with EPT ({vmx:?})\"}}"
+    );
+    exit::exit(exit::Code::Failure)
 }
 
 /// The kernel command line from the PVH start_info (`hvm_start_info.cmdline_paddr`, a
@@ -104,6 +138,23 @@ fn cmdline(start_info: u32) -> &'static str {
         }
         let bytes = core::ffi::CStr::from_ptr(line as usize as *const core::ffi::c_char).to_bytes();
         core::str::from_utf8(bytes).unwrap_or("")
+    }
+}
+
+/// The VMX pages (VMXON region, VMCS), handed out once.
+#[cfg(target_os = "none")]
+fn vmx_pages() -> hal::virt::vmx::vcpu::VmxPages {
+    use hal::virt::svm::vcpu::Page;
+    static mut VMXON: Page = Page::zeroed();
+    static mut VMCS: Page = Page::zeroed();
+    static TAKEN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+    assert!(!TAKEN.swap(true, core::sync::atomic::Ordering::SeqCst), "VMX pages taken twice");
+    // SAFETY: the flag above hands the statics out once, so these are the only references.
+    unsafe {
+        hal::virt::vmx::vcpu::VmxPages {
+            vmxon: &mut *core::ptr::addr_of_mut!(VMXON),
+            vmcs: &mut *core::ptr::addr_of_mut!(VMCS),
+        }
     }
 }
 

@@ -4,9 +4,8 @@
 
 use agent::config::MAX_BLOCKS;
 use agent::ports::{DeviceStateSink, GuestMemory, PageWaiters, Refused, Stage2};
-use hal::stage2::invalidate::NextVmrunFlush;
 use hal::stage2::port::TablePort;
-use hal::stage2::Npt;
+use hal::stage2::{Format, Invalidate};
 
 use crate::memory::{frames_mut, FRAMES_BASE, FRAMES_LEN};
 
@@ -14,10 +13,10 @@ use crate::memory::{frames_mut, FRAMES_BASE, FRAMES_LEN};
 pub const DEVICE_STATE_BYTES: usize = 64 * 1024;
 const TWO_MIB: u64 = 2 << 20;
 
-/// The ports.
-pub struct ImagePorts {
-    /// The nested page table and the TLB flush the next VMRUN owes.
-    pub stage2: TablePort<'static, Npt, NextVmrunFlush>,
+/// The ports, over a stage-2 table of format `F` whose flushes go to `I`.
+pub struct ImagePorts<F: Format, I: Invalidate<F>> {
+    /// The stage-2 table (NPT or EPT) and where its flushes go.
+    pub stage2: TablePort<'static, F, I>,
     /// (host-physical base, length) of each block's frames.
     pub blocks: heapless::Vec<(u64, u64), MAX_BLOCKS>,
     next_frame: u64,
@@ -29,10 +28,10 @@ pub struct ImagePorts {
     pub released: Option<u64>,
 }
 
-impl ImagePorts {
+impl<F: Format, I: Invalidate<F>> ImagePorts<F, I> {
     /// Ports over `stage2`, keeping device state in `device_state`.
     pub fn new(
-        stage2: TablePort<'static, Npt, NextVmrunFlush>,
+        stage2: TablePort<'static, F, I>,
         device_state: &'static mut [u8; DEVICE_STATE_BYTES],
     ) -> Self {
         Self {
@@ -56,7 +55,7 @@ impl ImagePorts {
     }
 }
 
-impl GuestMemory for ImagePorts {
+impl<F: Format, I: Invalidate<F>> GuestMemory for ImagePorts<F, I> {
     fn declare_block(&mut self, index: usize, _name: &[u8], len: u64) -> Result<(), Refused> {
         let base = self.next_frame.next_multiple_of(TWO_MIB);
         let end = base.checked_add(len).filter(|&end| end <= FRAMES_BASE + FRAMES_LEN).ok_or(Refused)?;
@@ -79,7 +78,7 @@ impl GuestMemory for ImagePorts {
     }
 }
 
-impl Stage2 for ImagePorts {
+impl<F: Format, I: Invalidate<F>> Stage2 for ImagePorts<F, I> {
     fn map(&mut self, gpa: u64, block: usize, offset: u64) {
         self.stage2.map(gpa, block, offset);
     }
@@ -93,7 +92,7 @@ impl Stage2 for ImagePorts {
     }
 }
 
-impl DeviceStateSink for ImagePorts {
+impl<F: Format, I: Invalidate<F>> DeviceStateSink for ImagePorts<F, I> {
     fn device_state(&mut self, bytes: &[u8]) {
         let room = DEVICE_STATE_BYTES - self.device_len;
         let n = bytes.len().min(room);
@@ -103,7 +102,7 @@ impl DeviceStateSink for ImagePorts {
     }
 }
 
-impl PageWaiters for ImagePorts {
+impl<F: Format, I: Invalidate<F>> PageWaiters for ImagePorts<F, I> {
     fn release(&mut self, _vcpu: usize) {
         self.released = Some(hal::cpu::rdtsc());
     }

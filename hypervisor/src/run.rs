@@ -7,11 +7,9 @@ use core::fmt::Write;
 use agent::postcopy::{Engine, EngineConfig, Fault, Shared, State};
 use agent::sync::AtomicU64;
 use hal::serial::{Uart, COM1};
-use hal::stage2::invalidate::NextVmrunFlush;
 use hal::stage2::port::TablePort;
-use hal::stage2::{FramePool, Npt, Stage2};
-use hal::virt::svm::vcpu::{Features, SvmVcpu};
-use hal::virt::{Access, ExitReason};
+use hal::stage2::{FramePool, Stage2};
+use hal::virt::{Access, ExitReason, Vcpu};
 
 use crate::console::Console;
 use crate::cycles::Samples;
@@ -62,26 +60,26 @@ pub enum AtEnd {
     Hold,
 }
 
-/// Receives a migration over COM1 and runs the guest; never returns.
-pub fn migrate(features: Features, at_end: AtEnd) -> ! {
+/// Receives a migration over COM1 and runs the guest on a vCPU of vendor `V`, which `make`
+/// creates for the stage-2 table's root pointer (nCR3 or EPTP), with where the table's flushes
+/// go; never returns.
+pub fn migrate<V: Vcpu>(make: impl FnOnce(u64) -> (V, V::Invalidate), at_end: AtEnd) -> ! {
     // SAFETY: COM1 is the stream's 16550; this is its only set-up, and the two handles are
     // used from this one loop.
     let (mut rx, tx) = unsafe { (Uart::init(COM1), Uart::attach(COM1)) };
     let shared = Shared::new(&RECEIVED, &REQUESTED, SerialReturnPath(tx));
     // SAFETY: the slab is used by this one table only.
     let slab = unsafe { &mut *core::ptr::addr_of_mut!(TABLE_SLAB) };
-    let table = Stage2::<Npt>::new(FramePool::identity(slab).expect("table slab")).expect("NPT root");
-    let n_cr3 = table.root_pointer();
+    let table =
+        Stage2::<V::Format>::new(FramePool::identity(slab).expect("table slab")).expect("stage-2 root");
+    let (mut vcpu, invalidate) = make(table.root_pointer());
     static mut DEVICE_STATE: [u8; DEVICE_STATE_BYTES] = [0; DEVICE_STATE_BYTES];
     static mut RING_BUF: [u8; RING_BYTES] = [0; RING_BYTES];
     // SAFETY: these statics are borrowed here once, for the life of the loop.
     let (device_state, ring_buf) =
         unsafe { (&mut *core::ptr::addr_of_mut!(DEVICE_STATE), &mut *core::ptr::addr_of_mut!(RING_BUF)) };
-    let ports =
-        ImagePorts::new(TablePort::new(table, NextVmrunFlush::new(features.flush_by_asid)), device_state);
+    let ports = ImagePorts::new(TablePort::new(table, invalidate), device_state);
     let mut engine = Engine::new(&shared, ports, EngineConfig::default());
-    // SAFETY: the nested table maps guest frames only; nothing else uses SVM.
-    let mut vcpu = unsafe { SvmVcpu::new(crate::svm_pages(), features, n_cr3) };
     let mut ring = Ring::new(ring_buf);
     let mut guest = GuestState::default();
     let (mut exit_to_request, mut page_to_resume) = (Samples::new(), Samples::new());
@@ -95,7 +93,7 @@ pub fn migrate(features: Features, at_end: AtEnd) -> ! {
             let (first, second) = ring.readable();
             match engine.receive(first, second) {
                 Ok(p) => ring.consume(p.consumed),
-                Err(e) => report_error(&e, &shared, &engine, at_end),
+                Err(e) => report_error(V::VENDOR, &e, &shared, engine.stats().bytes, at_end),
             }
         }
         if let Some(t) = engine.ports().released.take() {
@@ -106,7 +104,7 @@ pub fn migrate(features: Features, at_end: AtEnd) -> ! {
         if !guest.restored && (matches!(state, State::Running | State::End) || engine.finished()) {
             match guest::vcpu_record(engine.ports().device_state()) {
                 Ok(record) => {
-                    guest::restore(&mut vcpu, &record);
+                    vcpu.load(&guest::state(&record));
                     defmt::info!(
                         "vCPU 0 restored from the migrated record: RIP {=u64:#x}, CR3 {=u64:#x}",
                         record.rip.get(),
@@ -122,9 +120,8 @@ pub fn migrate(features: Features, at_end: AtEnd) -> ! {
             guest.restored = true;
         }
         if guest.restored && !guest.parked && !guest.done {
-            let tlb = engine.ports().stage2.invalidate().take();
             let resumed = arrival.take().map(|t| (t, hal::cpu::rdtsc()));
-            let reason = vcpu.run(tlb);
+            let reason = vcpu.run(engine.ports().stage2.invalidate());
             let at_exit = hal::cpu::rdtsc();
             // Logged after the VMRUN, so that the log's own cost stays out of the sample.
             if let Some((t, now)) = resumed {
@@ -148,7 +145,7 @@ pub fn migrate(features: Features, at_end: AtEnd) -> ! {
                     let n = guest.stage2_faults;
                     let fault = shared.on_guest_fault(gpa, access, 0);
                     let now = hal::cpu::rdtsc();
-                    let rip = vcpu.vmcb().rip;
+                    let rip = vcpu.rip();
                     let kind = match access {
                         Access::Read => "read",
                         Access::Write => "write",
@@ -190,8 +187,8 @@ pub fn migrate(features: Features, at_end: AtEnd) -> ! {
                         }
                     }
                 }
-                ExitReason::Hypercall if vcpu.vmcb().rax == GUEST_RESULT => {
-                    let r = &vcpu.regs;
+                ExitReason::Hypercall if vcpu.regs().rax == GUEST_RESULT => {
+                    let r = *vcpu.regs();
                     guest.result = Some(GuestResult { checksum: r.rbx, mismatches: r.rcx, written: r.rdx });
                     defmt::info!(
                         "guest result: checksum {=u64:#x}, {=u64} mismatches, {=u64} pages written",
@@ -199,23 +196,23 @@ pub fn migrate(features: Features, at_end: AtEnd) -> ! {
                         r.rcx,
                         r.rdx
                     );
-                    vcpu.skip_instruction(3);
+                    vcpu.skip_instruction(&reason);
                 }
                 ExitReason::Cpuid => {
-                    guest::cpuid(&mut vcpu);
-                    vcpu.skip_instruction(2);
+                    guest::cpuid(vcpu.regs());
+                    vcpu.skip_instruction(&reason);
                 }
                 ExitReason::Hlt => {
-                    vcpu.skip_instruction(1);
+                    vcpu.skip_instruction(&reason);
                     guest.done = true;
                 }
                 ExitReason::Io { port: 0xe9, write: true, size: 1, string: false } => {
-                    let byte = vcpu.vmcb().rax as u8;
+                    let byte = vcpu.regs().rax as u8;
                     let _ = write!(Console, "{}", byte as char);
-                    vcpu.vmcb().rip = vcpu.vmcb().exitinfo2;
+                    vcpu.skip_instruction(&reason);
                 }
                 other => {
-                    let rip = vcpu.vmcb().rip;
+                    let rip = vcpu.rip();
                     defmt::error!(
                         "guest stopped: unhandled exit {} at RIP {=u64:#x}",
                         defmt::Debug2Format(&other),
@@ -227,28 +224,40 @@ pub fn migrate(features: Features, at_end: AtEnd) -> ! {
             }
         }
         if engine.finished() && guest.done {
-            report(&shared, &mut engine, &guest, &mut exit_to_request, &mut page_to_resume, at_end);
+            let stats = engine.stats();
+            let blocks = engine.ports().blocks.clone();
+            report(
+                V::VENDOR,
+                &shared,
+                stats,
+                &blocks,
+                &guest,
+                &mut exit_to_request,
+                &mut page_to_resume,
+                at_end,
+            );
         }
     }
 }
 
-type ImageEngine<'s> = Engine<'s, 'static, 'static, SerialReturnPath, ImagePorts>;
-
+/// The final report: one `RESULT {json}` line.
+#[allow(clippy::too_many_arguments)]
 fn report(
+    vendor: &str,
     shared: &Shared<'_, SerialReturnPath>,
-    engine: &mut ImageEngine<'_>,
+    s: agent::postcopy::Stats,
+    blocks: &[(u64, u64)],
     guest: &GuestState,
     exit_to_request: &mut Samples,
     page_to_resume: &mut Samples,
     at_end: AtEnd,
 ) -> ! {
-    let s = engine.stats();
     let c = &shared.counters;
     let load = |a: &agent::sync::AtomicU64| a.load(agent::sync::Ordering::Relaxed);
     let mut w = Console;
     let _ = write!(
         w,
-        "RESULT {{\"state\":\"{}\",\"vendor\":\"svm\",\"stage2_faults\":{},\"faults_served\":{},\"page_requests\":{},\
+        "RESULT {{\"state\":\"{}\",\"vendor\":\"{vendor}\",\"stage2_faults\":{},\"faults_served\":{},\"page_requests\":{},\
          \"pages_received\":{},\"zero_pages\":{},\"discarded_pages\":{},\"duplicate_pages\":{},\"stream_bytes\":{},\
          \"guest_exits\":{},\"fault_exit_to_request_cycles_p50\":{},\"fault_exit_to_request_cycles_p99\":{},\
          \"page_to_resume_cycles_p50\":{},\"page_to_resume_cycles_p99\":{},\"fault_samples\":{},",
@@ -290,7 +299,7 @@ fn report(
     }
     let _ = write!(w, "\"blocks\":[");
     let layout = shared.layout();
-    for (i, &(hpa, len)) in engine.ports().blocks.iter().enumerate() {
+    for (i, &(hpa, len)) in blocks.iter().enumerate() {
         let name =
             layout.and_then(|l| l.blocks().get(i)).map(|b| core::str::from_utf8(&b.name).unwrap_or("?"));
         let sep = if i == 0 { "" } else { "," };
@@ -311,17 +320,17 @@ fn end(at_end: AtEnd, code: Code) -> ! {
 
 /// A refused stream: the agent has sent SHUT(1); report its one-line error and end.
 fn report_error(
+    vendor: &str,
     e: &agent::Error,
     shared: &Shared<'_, SerialReturnPath>,
-    engine: &ImageEngine<'_>,
+    bytes: u64,
     at_end: AtEnd,
 ) -> ! {
     defmt::error!("stream refused, SHUT(1) sent: {}", defmt::Display2Format(e));
     let _ = writeln!(
         Console,
-        "RESULT {{\"state\":\"error\",\"vendor\":\"svm\",\"postcopy_state\":\"{}\",\"stream_bytes\":{},\"error\":\"{e}\"}}",
+        "RESULT {{\"state\":\"error\",\"vendor\":\"{vendor}\",\"postcopy_state\":\"{}\",\"stream_bytes\":{bytes},\"error\":\"{e}\"}}",
         shared.state.get().name(),
-        engine.stats().bytes
     );
     end(at_end, Code::Failure)
 }

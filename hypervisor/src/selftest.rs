@@ -63,7 +63,7 @@ pub fn run() -> Result<(), &'static str> {
 /// Runs the vCPU to its next exit that is not the host's timer.
 fn run_to_exit(vcpu: &mut SvmVcpu, mut tlb: TlbControl) -> ExitReason {
     loop {
-        match vcpu.run(core::mem::replace(&mut tlb, TlbControl::DoNothing)) {
+        match vcpu.run_with_tlb(core::mem::replace(&mut tlb, TlbControl::DoNothing)) {
             // SAFETY: the IDT handles the timer and spurious vectors.
             ExitReason::Interrupt => unsafe { hal::cpu::interrupt_window() },
             exit => return exit,

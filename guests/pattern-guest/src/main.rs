@@ -20,8 +20,8 @@
 //! | RCX | mismatches: words that differ from the rules, plus read-backs that differ |
 //! | RDX | pages written |
 //!
-//! The hypercall is VMMCALL (AMD SVM); with the cargo feature `vmcall` it is VMCALL (Intel
-//! VMX). Both fault (#UD) without a hypervisor that intercepts them.
+//! The hypercall is the CPU vendor's, from CPUID: VMCALL on Intel (VMX), VMMCALL otherwise (AMD
+//! SVM). Both fault (#UD) without a hypervisor that intercepts them.
 //!
 //! The rules are duplicated from `qemu-tests/src/pattern_guest.rs` (the host side, which
 //! the source and the checks use); keep both in step.
@@ -45,19 +45,29 @@ const STRIDE: u64 = 7919;
 /// The next prime.
 const STRIDE_ALT: u64 = 7927;
 
-/// The hypercall instruction.
-#[cfg(not(feature = "vmcall"))]
-macro_rules! hypercall {
-    () => {
-        "vmmcall"
-    };
-}
+/// CPUID leaf 0's EBX on Intel CPUs: "Genu".
+const GENUINE_INTEL_EBX: u32 = 0x756e_6547;
 
-/// The hypercall instruction.
-#[cfg(feature = "vmcall")]
-macro_rules! hypercall {
-    () => {
-        "vmcall"
+/// The result hypercall (`$insn`: `vmmcall` or `vmcall`), then halt forever.
+macro_rules! report_with {
+    ($insn:literal, $checksum:expr, $mismatches:expr, $written:expr) => {
+        // SAFETY: RBX cannot be an operand (LLVM reserves it), so the checksum is moved there
+        // inside the block; the block never returns, so clobbering RBX breaks nothing. It
+        // touches no memory.
+        unsafe {
+            asm!(
+                "mov rbx, {checksum}",
+                $insn,
+                "2:",
+                "hlt",
+                "jmp 2b",
+                checksum = in(reg) $checksum,
+                in("rax") RESULT,
+                in("rcx") $mismatches,
+                in("rdx") $written,
+                options(noreturn, nostack),
+            )
+        }
     };
 }
 
@@ -146,24 +156,14 @@ extern "C" fn pattern_main(ram_bytes: u64, data_start: u64) -> ! {
     report(checksum, mismatches, pages_written)
 }
 
-/// The result hypercall; halts forever if the hypervisor resumes the guest after it.
+/// The result hypercall; halts forever if the hypervisor resumes the guest after it. The
+/// instruction is the vendor's: VMCALL on Intel (VMX), VMMCALL elsewhere (AMD SVM); each is
+/// #UD on the other's CPUs. The vendor comes from CPUID, which the hypervisor answers.
 fn report(checksum: u64, mismatches: u64, pages_written: u64) -> ! {
-    // SAFETY: RBX cannot be an operand (LLVM reserves it), so the checksum is moved there
-    // inside the block; the block never returns, so clobbering RBX breaks nothing. It
-    // touches no memory.
-    unsafe {
-        asm!(
-            "mov rbx, {checksum}",
-            hypercall!(),
-            "2:",
-            "hlt",
-            "jmp 2b",
-            checksum = in(reg) checksum,
-            in("rax") RESULT,
-            in("rcx") mismatches,
-            in("rdx") pages_written,
-            options(noreturn, nostack),
-        )
+    if core::arch::x86_64::__cpuid(0).ebx == GENUINE_INTEL_EBX {
+        report_with!("vmcall", checksum, mismatches, pages_written)
+    } else {
+        report_with!("vmmcall", checksum, mismatches, pages_written)
     }
 }
 

@@ -1,13 +1,18 @@
-//! CPU virtualization behind one vendor-neutral interface: a vCPU that runs until the next
-//! exit, and the exit reasons the image handles. The AMD SVM backend is in [`svm`]; the Intel
-//! VMX backend mirrors it file for file.
+//! CPU virtualization behind one vendor-neutral interface ([`Vcpu`]): a vCPU loaded with an
+//! architectural state, run until its next exit, and the exit reasons the image handles. The
+//! AMD SVM backend is in [`svm`], the Intel VMX backend in [`vmx`]; they mirror each other
+//! file for file (`vmcb`/`vmcs`, `exit`, `vcpu`). The image picks one at boot from CPUID and
+//! is monomorphized over it.
 
 pub mod svm;
+pub mod vmx;
 
 pub use agent::postcopy::Access;
 
-/// The guest's general registers that the CPU does not keep in the vendor's control block
-/// (SVM keeps RAX and RSP in the VMCB; the exit stub saves and restores the rest).
+use crate::stage2::{Format, Invalidate};
+
+/// The guest's general registers, RSP aside (both vendors keep it in their control block).
+/// The exit stubs save and restore them; SVM's keeps RAX in the VMCB and copies it here.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct GuestRegs {
@@ -39,6 +44,74 @@ pub struct GuestRegs {
     pub r14: u64,
     /// R15.
     pub r15: u64,
+    /// RAX.
+    pub rax: u64,
+}
+
+/// A segment register, with SVM's compact attributes (type, S, DPL, P in bits 0-7; AVL, L,
+/// D/B, G in bits 8-11): the form the project's vCPU record carries.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentState {
+    /// Selector.
+    pub selector: u16,
+    /// Attributes.
+    pub attrib: u16,
+    /// Limit.
+    pub limit: u32,
+    /// Base.
+    pub base: u64,
+}
+
+/// The architectural state a vCPU resumes from (what the migrated vCPU record holds).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ArchState {
+    /// General registers.
+    pub regs: GuestRegs,
+    /// RSP.
+    pub rsp: u64,
+    /// RIP.
+    pub rip: u64,
+    /// RFLAGS.
+    pub rflags: u64,
+    /// CR0.
+    pub cr0: u64,
+    /// CR3.
+    pub cr3: u64,
+    /// CR4.
+    pub cr4: u64,
+    /// EFER.
+    pub efer: u64,
+    /// CS.
+    pub cs: SegmentState,
+    /// DS, ES, SS, FS, GS.
+    pub data: SegmentState,
+    /// GDTR base and limit.
+    pub gdtr: (u64, u32),
+    /// IDTR base and limit.
+    pub idtr: (u64, u32),
+}
+
+/// A vCPU of one vendor: loaded with a state, run until its next exit.
+pub trait Vcpu {
+    /// "svm" or "vmx".
+    const VENDOR: &'static str;
+    /// The stage-2 table format the vendor walks (NPT or EPT).
+    type Format: Format;
+    /// Where the table's flush tokens go: a request for the next VMRUN (SVM) or INVEPT at
+    /// once (VMX).
+    type Invalidate: Invalidate<Self::Format>;
+
+    /// Loads the state the guest resumes from.
+    fn load(&mut self, state: &ArchState);
+    /// Runs the guest until its next exit, after the flush `pending` owes.
+    fn run(&mut self, pending: &mut Self::Invalidate) -> ExitReason;
+    /// The general registers.
+    fn regs(&mut self) -> &mut GuestRegs;
+    /// The guest's RIP.
+    fn rip(&mut self) -> u64;
+    /// Moves RIP past the instruction that caused the exit `reason` (VMMCALL/VMCALL, CPUID,
+    /// HLT, IN/OUT).
+    fn skip_instruction(&mut self, reason: &ExitReason);
 }
 
 /// Why the guest stopped running.
@@ -79,8 +152,15 @@ pub enum ExitReason {
         /// The error code, if the exception has one (0 otherwise).
         error: u64,
     },
-    /// The CPU refused to enter the guest (SVM VMEXIT_INVALID: inconsistent guest state).
+    /// The CPU refused to enter the guest (SVM VMEXIT_INVALID, VMX exit reason 33 with the
+    /// entry-failure bit: inconsistent guest state).
     InvalidState,
+    /// VMLAUNCH/VMRESUME failed before entering (VMX VMfailValid / VMfailInvalid), with the
+    /// VM-instruction error number (0 for VMfailInvalid).
+    EntryFailed {
+        /// The VM-instruction error (SDM Vol. 3C §31.4).
+        error: u64,
+    },
     /// Anything else, undecoded: the vendor's exit code and its two information fields.
     Other {
         /// The exit code.

@@ -8,11 +8,12 @@
 //! registers, `VMSAVE`s the guest's hidden state, `VMLOAD`s the host's, clears IF and `STGI`s:
 //! an interrupt that caused the exit stays pending until the caller opens a window for it.
 
-use super::exit::decode;
+use super::exit::{decode, instruction_len};
 use super::vmcb::{misc1, misc2, Segment, Vmcb, NP_ENABLE, V_INTR_MASKING};
 use crate::cpu::{cpuid, rdmsr, wrmsr};
-use crate::stage2::invalidate::TlbControl;
-use crate::virt::{ExitReason, GuestRegs};
+use crate::stage2::invalidate::{NextVmrunFlush, TlbControl};
+use crate::stage2::Npt;
+use crate::virt::{ArchState, ExitReason, GuestRegs, SegmentState, Vcpu};
 
 const EFER: u32 = 0xc000_0080;
 const EFER_NXE: u64 = 1 << 11;
@@ -250,8 +251,9 @@ impl SvmVcpu {
     /// Runs the guest until its next exit, first flushing the TLB as `tlb` says (the NPT
     /// flush tokens since the last run, collected in a
     /// [`NextVmrunFlush`](crate::stage2::invalidate::NextVmrunFlush)).
-    pub fn run(&mut self, tlb: TlbControl) -> ExitReason {
+    pub fn run_with_tlb(&mut self, tlb: TlbControl) -> ExitReason {
         self.pages.vmcb.tlb_control = tlb as u8;
+        self.pages.vmcb.rax = self.regs.rax;
         let vmcb_pa = &*self.pages.vmcb as *const Vmcb as u64;
         let host_pa = &*self.pages.host_vmsave as *const Vmcb as u64;
         // SAFETY: `new` enabled SVM and set the VMCB up (its caller vouched for the nested
@@ -259,13 +261,66 @@ impl SvmVcpu {
         unsafe { svm_run(&mut self.regs, vmcb_pa, host_pa) };
         let v = &mut *self.pages.vmcb;
         v.tlb_control = 0;
+        self.regs.rax = v.rax;
         decode(v.exitcode, v.exitinfo1, v.exitinfo2)
     }
+}
 
-    /// Moves RIP past the intercepted instruction of `len` bytes (no NRIP save under TCG).
-    pub fn skip_instruction(&mut self, len: u64) {
+/// SVM's segment in the VMCB from the vendor-neutral one (the same attribute format).
+const fn segment(s: &SegmentState) -> Segment {
+    Segment { selector: s.selector, attrib: s.attrib, limit: s.limit, base: s.base }
+}
+
+const EFER_SVME_BIT: u64 = 1 << 12;
+
+impl Vcpu for SvmVcpu {
+    const VENDOR: &'static str = "svm";
+    type Format = Npt;
+    type Invalidate = NextVmrunFlush;
+
+    fn load(&mut self, st: &ArchState) {
+        self.regs = st.regs;
         let v = &mut *self.pages.vmcb;
-        v.rip = if self.features.nrip_save && v.nrip != 0 { v.nrip } else { v.rip + len };
+        v.rsp = st.rsp;
+        v.rip = st.rip;
+        v.rflags = st.rflags | 2;
+        v.cr0 = st.cr0;
+        v.cr3 = st.cr3;
+        v.cr4 = st.cr4;
+        // SVM requires EFER.SVME in the guest's EFER.
+        v.efer = st.efer | EFER_SVME_BIT;
+        v.cs = segment(&st.cs);
+        let data = segment(&st.data);
+        for s in [&mut v.ds, &mut v.es, &mut v.ss, &mut v.fs, &mut v.gs] {
+            *s = data;
+        }
+        v.gdtr = Segment { selector: 0, attrib: 0, limit: st.gdtr.1, base: st.gdtr.0 };
+        v.idtr = Segment { selector: 0, attrib: 0, limit: st.idtr.1, base: st.idtr.0 };
+        v.tr = Segment { selector: 0, attrib: TSS64, limit: 0x67, base: 0 };
+        v.cpl = 0;
+    }
+
+    fn run(&mut self, pending: &mut NextVmrunFlush) -> ExitReason {
+        self.run_with_tlb(pending.take())
+    }
+
+    fn regs(&mut self) -> &mut GuestRegs {
+        &mut self.regs
+    }
+
+    fn rip(&mut self) -> u64 {
+        self.pages.vmcb.rip
+    }
+
+    fn skip_instruction(&mut self, reason: &ExitReason) {
+        let v = &mut *self.pages.vmcb;
+        v.rip = match (reason, instruction_len(reason)) {
+            // IN/OUT: EXITINFO2 is the next RIP.
+            (ExitReason::Io { .. }, _) => v.exitinfo2,
+            _ if self.features.nrip_save && v.nrip != 0 => v.nrip,
+            (_, Some(len)) => v.rip + len,
+            (_, None) => v.rip,
+        };
     }
 }
 
