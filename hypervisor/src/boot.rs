@@ -3,7 +3,9 @@
 //! The boot code maps the first 4 GiB 1:1 with 2 MiB pages (PML4 → PDPT → 4 page
 //! directories), turns on PAE, EFER.LME and paging, loads a temporary GDT with a 64-bit code
 //! segment and jumps to 64-bit code, which sets the data segments and the stack and calls
-//! `kmain(start_info)`. The Rust side then loads its own GDT, TSS and IDT (`exceptions`).
+//! `kmain(info, magic)`: the PVH start_info (QEMU) or the multiboot2 information (GRUB, in
+//! Bochs) and EAX at entry (0x36d76289 for multiboot2). The Rust side then loads its own GDT,
+//! TSS, IDT and page tables.
 
 core::arch::global_asm!(
     r#"
@@ -14,6 +16,18 @@ core::arch::global_asm!(
     .p2align 2
     .long _start32
     .p2align 2
+
+    /* Multiboot2 header (magic, architecture 0 = i386, length, checksum; the end tag). */
+    .section .multiboot2, "a"
+    .p2align 3
+mb2_start:
+    .long 0xe85250d6
+    .long 0
+    .long mb2_end - mb2_start
+    .long -(0xe85250d6 + (mb2_end - mb2_start))
+    .word 0, 0
+    .long 8
+mb2_end:
 
     .section .bss.pagetables, "aw", @nobits
     .p2align 12
@@ -46,6 +60,7 @@ _start32:
     cli
     mov esp, offset __stack_top
     mov esi, ebx
+    mov ebp, eax
     /* 2048 2 MiB pages: present, writable, large. */
     mov edi, offset boot_pd
     xor ecx, ecx
@@ -99,6 +114,7 @@ start64:
     mov gs, ax
     mov rsp, offset __stack_top
     mov edi, esi
+    mov esi, ebp
     call kmain
 2:  cli
     hlt

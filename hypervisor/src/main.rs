@@ -39,7 +39,7 @@ mod transport;
 /// The Rust entry, called by the boot code in long mode with the PVH start_info address.
 #[cfg(target_os = "none")]
 #[no_mangle]
-extern "C" fn kmain(start_info: u32) -> ! {
+extern "C" fn kmain(info: u32, magic: u32) -> ! {
     use core::fmt::Write;
     use hal::stage2::invalidate::NextVmrunFlush;
     console::print("postcopy hypervisor: long mode\n");
@@ -48,7 +48,7 @@ extern "C" fn kmain(start_info: u32) -> ! {
     exceptions::init();
     paging::init();
     apic::init();
-    let words = || cmdline(start_info).split(' ');
+    let words = || cmdline(info, magic).split(' ');
     // Checks of the failure reports: an invalid opcode, and a stack overflow into the guard.
     if words().any(|w| w == "selftest-ud2") {
         // SAFETY: UD2 raises #UD, which the IDT reports before ending the run.
@@ -116,29 +116,52 @@ extern "C" fn kmain(start_info: u32) -> ! {
     exit::exit(exit::Code::Failure)
 }
 
-/// The kernel command line from the PVH start_info (`hvm_start_info.cmdline_paddr`, a
-/// NUL-terminated string), or "".
+/// The kernel command line, or "": from the PVH start_info (`cmdline_paddr` at offset 24,
+/// after the magic 0x336ec578) or from the multiboot2 information (EAX = 0x36d76289 at entry;
+/// the tag of type 1, a NUL-terminated string).
 #[cfg(target_os = "none")]
-fn cmdline(start_info: u32) -> &'static str {
-    const MAGIC: u32 = 0x336e_c578;
-    if start_info == 0 {
+fn cmdline(info: u32, magic: u32) -> &'static str {
+    const PVH_MAGIC: u32 = 0x336e_c578;
+    const MULTIBOOT2_MAGIC: u32 = 0x36d7_6289;
+    if info == 0 {
         return "";
     }
-    // SAFETY: the PVH loader passes the physical address of its start_info (mapped 1:1); its
-    // first word is the magic, checked before anything else is read; cmdline_paddr is at
-    // offset 24 and names a NUL-terminated string the loader placed (or 0).
-    unsafe {
-        let info = start_info as usize as *const u32;
-        if info.read() != MAGIC {
-            return "";
+    let base = info as usize;
+    // SAFETY: the loader passes the physical address of its structure (mapped 1:1), and which
+    // loader it was is known before anything is read: PVH by the structure's magic, multiboot2
+    // by EAX. PVH: cmdline_paddr names a NUL-terminated string (or 0). Multiboot2: a total
+    // size, then 8-byte aligned tags (type, size) up to the end tag (type 0), each inside the
+    // total size.
+    let line = unsafe {
+        if magic == MULTIBOOT2_MAGIC {
+            let total = (base as *const u32).read() as usize;
+            let mut at = 8;
+            let mut found = 0;
+            while at + 8 <= total {
+                let kind = ((base + at) as *const u32).read();
+                let size = ((base + at + 4) as *const u32).read() as usize;
+                if kind == 0 || size < 8 {
+                    break;
+                }
+                if kind == 1 {
+                    found = base + at + 8;
+                    break;
+                }
+                at += size.next_multiple_of(8);
+            }
+            found
+        } else if (base as *const u32).read() == PVH_MAGIC {
+            ((base + 24) as *const u64).read_unaligned() as usize
+        } else {
+            0
         }
-        let line = (start_info as usize as *const u8).add(24).cast::<u64>().read_unaligned();
-        if line == 0 {
-            return "";
-        }
-        let bytes = core::ffi::CStr::from_ptr(line as usize as *const core::ffi::c_char).to_bytes();
-        core::str::from_utf8(bytes).unwrap_or("")
+    };
+    if line == 0 {
+        return "";
     }
+    // SAFETY: as above: a NUL-terminated string the loader placed, which stays.
+    let bytes = unsafe { core::ffi::CStr::from_ptr(line as *const core::ffi::c_char) }.to_bytes();
+    core::str::from_utf8(bytes).unwrap_or("")
 }
 
 /// The VMX pages (VMXON region, VMCS), handed out once.
