@@ -9,7 +9,6 @@
 //! `ram_equal` (every page of guest RAM equals the source's, except the pages the guest
 //! writes by its rules, which must hold what the rules say, and its stack pages).
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,9 +37,31 @@ pub enum SourceKind {
     File(PathBuf),
 }
 
+/// The machine the image runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Emulator {
+    /// QEMU 7.2, TCG, `-cpu max`: AMD SVM with nested paging.
+    Qemu,
+    /// Bochs 2.7 with this CPU model: `corei7_skylake_x` (Intel VMX with EPT) or `ryzen` (AMD
+    /// SVM with nested paging).
+    Bochs(String),
+}
+
+impl Emulator {
+    /// The name in the JSON line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Emulator::Qemu => "qemu",
+            Emulator::Bochs(_) => "bochs",
+        }
+    }
+}
+
 /// A migration into the image.
 #[derive(Debug, Clone)]
 pub struct Migration {
+    /// The machine.
+    pub emulator: Emulator,
     /// The stream's source.
     pub source: SourceKind,
     /// Guest RAM of the own source, MiB.
@@ -56,6 +77,7 @@ pub struct Migration {
 impl Default for Migration {
     fn default() -> Self {
         Migration {
+            emulator: Emulator::Qemu,
             source: SourceKind::Own,
             mem_mib: 2,
             dump_dir: None,
@@ -81,6 +103,39 @@ pub fn build_image() -> Result<PathBuf> {
         .env_remove("CARGO_BUILD_TARGET");
     run(cargo, Duration::from_secs(900))?;
     Ok(target.join("x86_64-unknown-none/release/hypervisor"))
+}
+
+/// What the harness needs of a machine running the image.
+trait Emulated {
+    /// Waits until the image has set COM1 up (its FIFO reset would drop earlier bytes).
+    fn wait_ready(&mut self, deadline: Instant) -> Result<()>;
+    /// The debug console so far.
+    fn console(&self) -> String;
+    /// Whether the machine has ended.
+    fn ended(&mut self) -> Result<bool>;
+    /// `len` bytes of the machine's physical memory at `addr`.
+    fn read_phys(&mut self, addr: u64, len: u64) -> Result<Vec<u8>>;
+    /// Ends the machine; returns the run's log.
+    fn quit(self) -> String;
+
+    /// The image's `RESULT {json}` line, once it is there (or the machine ended without it).
+    fn wait_result(&mut self, deadline: Instant) -> Result<Value> {
+        loop {
+            let log = self.console();
+            // Only a whole line: the image may be writing it while it is read.
+            let whole = log.split_inclusive('\n').filter_map(|l| l.strip_suffix('\n'));
+            if let Some(line) = whole.filter_map(|l| l.strip_prefix("RESULT ")).next() {
+                return Ok(serde_json::from_str(line)?);
+            }
+            if self.ended()? {
+                bail!("the image ended without a result; its log:\n{}", crate::process::tail(&log, 4000));
+            }
+            if Instant::now() > deadline {
+                bail!("no result from the image in time; its log:\n{}", crate::process::tail(&log, 4000));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// The image running in QEMU.
@@ -131,11 +186,12 @@ impl Machine {
         let qmp = Qmp::connect(&qmp, Duration::from_secs(20))?;
         Ok(Machine { child, qmp, com1, log, defmt, image: image.to_path_buf(), _dir: dir })
     }
+}
 
-    /// Waits until the image has set COM1 up (its FIFO reset would drop earlier bytes).
+impl Emulated for Machine {
     fn wait_ready(&mut self, deadline: Instant) -> Result<()> {
         loop {
-            let log = self.log();
+            let log = self.console();
             if log.contains(READY) {
                 return Ok(());
             }
@@ -155,33 +211,14 @@ impl Machine {
         }
     }
 
-    fn log(&self) -> String {
+    fn console(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The image's `RESULT {json}` line, once it is there (or the machine ended without it).
-    fn wait_result(&mut self, deadline: Instant) -> Result<Value> {
-        loop {
-            let log = self.log();
-            // Only a whole line: the image may be writing it while it is read.
-            let whole = log.split_inclusive('\n').filter_map(|l| l.strip_suffix('\n'));
-            if let Some(line) = whole.filter_map(|l| l.strip_prefix("RESULT ")).next() {
-                return Ok(serde_json::from_str(line)?);
-            }
-            if let Some(status) = self.child.try_status()? {
-                bail!(
-                    "the image ended ({status}) without a result; its log:\n{}",
-                    crate::process::tail(&log, 4000)
-                );
-            }
-            if Instant::now() > deadline {
-                bail!("no result from the image in time; its log:\n{}", crate::process::tail(&log, 4000));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    fn ended(&mut self) -> Result<bool> {
+        Ok(self.child.try_status()?.is_some())
     }
 
-    /// `len` bytes of the machine's physical memory at `addr`.
     fn read_phys(&mut self, addr: u64, len: u64) -> Result<Vec<u8>> {
         let file = self._dir.path().join(format!("pmem-{addr:x}.bin"));
         self.qmp.execute(
@@ -191,8 +228,7 @@ impl Machine {
         Ok(std::fs::read(&file)?)
     }
 
-    /// Ends QEMU; returns the run's log: the debug console, then the defmt log (COM2)
-    /// decoded with the image's `.defmt` table.
+    /// The debug console, then the defmt log (COM2) decoded with the image's `.defmt` table.
     fn quit(mut self) -> String {
         let _ = self.qmp.execute("quit", json!({}));
         let _ = self.child.wait_or_kill(Duration::from_secs(10));
@@ -200,7 +236,60 @@ impl Machine {
             (Ok(elf), Ok(frames)) => decode_defmt(&elf, &frames),
             (Err(e), _) | (_, Err(e)) => format!("(no defmt log: {e})"),
         };
-        format!("{}\n--- defmt log (COM2), decoded ---\n{decoded}", self.log())
+        format!("{}\n--- defmt log (COM2), decoded ---\n{decoded}", self.console())
+    }
+}
+
+/// The image running in Bochs.
+struct BochsMachine(crate::bochs::Bochs);
+
+impl Emulated for BochsMachine {
+    fn wait_ready(&mut self, deadline: Instant) -> Result<()> {
+        self.0.wait_for(READY, deadline).map(drop)
+    }
+
+    fn console(&self) -> String {
+        self.0.console()
+    }
+
+    fn ended(&mut self) -> Result<bool> {
+        Ok(self.0.try_status()?.is_some())
+    }
+
+    fn read_phys(&mut self, addr: u64, len: u64) -> Result<Vec<u8>> {
+        self.0.read_phys(addr, len as usize)
+    }
+
+    fn quit(self) -> String {
+        let console = self.0.console();
+        let log = self.0.quit();
+        format!("{console}\n--- Bochs ---\n{log}")
+    }
+}
+
+/// COM1's connection: a unix socket (QEMU) or TCP (Bochs).
+trait Com1: crate::own_source::Duplex + Send + Sized + 'static {
+    /// A second handle on the connection.
+    fn twin(&self) -> std::io::Result<Self>;
+    /// Closes both directions.
+    fn close(&self);
+}
+
+impl Com1 for UnixStream {
+    fn twin(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+    fn close(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Com1 for std::net::TcpStream {
+    fn twin(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+    fn close(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -214,14 +303,41 @@ pub fn migrate(m: &Migration) -> Result<(Value, String)> {
         }
         SourceKind::File(_) => None,
     };
-    let mut machine = Machine::start(&image)?;
-    let started = Instant::now();
+    match &m.emulator {
+        Emulator::Qemu => {
+            let mut machine = Machine::start(&image)?;
+            let started = Instant::now();
+            machine.wait_ready(started + m.timeout)?;
+            let conn = connect(&machine.com1)?;
+            drive(machine, conn, started, source, m)
+        }
+        Emulator::Bochs(cpu) => {
+            let iso = crate::bochs::iso(&image, "hold")?;
+            let mut config = crate::bochs::Config::new(cpu, MACHINE_MIB);
+            config.display = crate::bochs::Display::Term;
+            let bochs = crate::bochs::Bochs::start_with(&iso, &config)?;
+            // Bochs boots only once COM1 is connected.
+            let conn = bochs.connect_com1(Duration::from_secs(30))?;
+            let started = Instant::now();
+            let mut machine = BochsMachine(bochs);
+            machine.wait_ready(started + m.timeout)?;
+            drive(machine, conn, started, source, m)
+        }
+    }
+}
+
+/// Runs the source over `conn` while the image in `machine` receives, then checks.
+fn drive<E: Emulated, C: Com1>(
+    mut machine: E,
+    conn: C,
+    started: Instant,
+    source: Option<OwnSource>,
+    m: &Migration,
+) -> Result<(Value, String)> {
     let deadline = started + m.timeout;
-    machine.wait_ready(deadline)?;
-    let conn = connect(&machine.com1)?;
     // The source runs beside the wait for the result: a refused stream ends the image early.
     let sender = {
-        let mut conn = conn.try_clone()?;
+        let mut conn = conn.twin()?;
         let opts =
             RunOptions { timeout: m.timeout, background_pause: m.background_pause, ..RunOptions::default() };
         let source = source.clone();
@@ -238,7 +354,7 @@ pub fn migrate(m: &Migration) -> Result<(Value, String)> {
                 (None, Some(bytes)) => {
                     // Nothing is answered, but the return path is read (so the image's writes
                     // never block) and reported: a refused stream ends with SHUT(1).
-                    let mut reader = conn.try_clone().map_err(|e| e.to_string())?;
+                    let mut reader = conn.twin().map_err(|e| e.to_string())?;
                     let rp = std::thread::spawn(move || {
                         let mut out = Vec::new();
                         let _ = reader.read_to_end(&mut out);
@@ -259,7 +375,7 @@ pub fn migrate(m: &Migration) -> Result<(Value, String)> {
     let seconds = started.elapsed().as_secs_f64();
     // The image has reported: whatever the source still waits for will not come.
     std::thread::sleep(Duration::from_millis(200));
-    let _ = conn.shutdown(std::net::Shutdown::Both);
+    conn.close();
     let source_report = match sender.join() {
         Ok(r) => r,
         Err(_) => Err("the source thread panicked".into()),
@@ -268,10 +384,10 @@ pub fn migrate(m: &Migration) -> Result<(Value, String)> {
         Ok(r) => r,
         Err(e) => {
             let log = machine.quit();
-            return Ok((error_line(&e.0, seconds), log));
+            return Ok((error_line(&e.0, seconds, &m.emulator), log));
         }
     };
-    let mut line = summary(&result, seconds);
+    let mut line = summary(&result, seconds, &m.emulator);
     if result["state"] != "error" {
         let (guest_ok, ram_equal, note) = check(&mut machine, &result, source.as_ref(), m)?;
         line["guest_ok"] = json!(guest_ok);
@@ -297,17 +413,21 @@ fn connect(path: &Path) -> Result<UnixStream> {
     }
 }
 
-fn error_line(error: &str, seconds: f64) -> Value {
+fn error_line(error: &str, seconds: f64, emulator: &Emulator) -> Value {
+    let vendor = match emulator {
+        Emulator::Bochs(cpu) if cpu == crate::bochs::INTEL_VMX => "vmx",
+        _ => "svm",
+    };
     json!({
-        "state": "error", "vendor": "svm", "emulator": "qemu", "transport": "serial",
+        "state": "error", "vendor": vendor, "emulator": emulator.name(), "transport": "serial",
         "guest_ok": false, "ram_equal": false, "seconds": seconds, "error": error,
     })
 }
 
 /// The JSON line's fields from the image's report.
-fn summary(r: &Value, seconds: f64) -> Value {
+fn summary(r: &Value, seconds: f64, emulator: &Emulator) -> Value {
     let mut line = json!({
-        "state": r["state"], "vendor": r["vendor"], "emulator": "qemu", "transport": "serial",
+        "state": r["state"], "vendor": r["vendor"], "emulator": emulator.name(), "transport": "serial",
         "stage2_faults": r["stage2_faults"], "faults_served": r["faults_served"],
         "page_requests": r["page_requests"], "pages_received": r["pages_received"],
         "discarded_pages": r["discarded_pages"], "guest_ok": false, "ram_equal": false,
@@ -325,7 +445,7 @@ fn summary(r: &Value, seconds: f64) -> Value {
 
 /// `guest_ok`, `ram_equal` and a note on what was compared.
 fn check(
-    machine: &mut Machine,
+    machine: &mut impl Emulated,
     r: &Value,
     source: Option<&OwnSource>,
     m: &Migration,

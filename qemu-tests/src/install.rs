@@ -109,3 +109,26 @@ pub fn objcopy() -> Result<PathBuf> {
     }
     bail!("objcopy not found: install binutils (`apt-get install binutils`) or cargo-binutils")
 }
+
+/// Installs Debian `packages` with `apt-get install -y --no-install-recommends` (no
+/// questions asked); if that fails, runs `apt-get update` and tries once more (a fresh
+/// machine may have no package lists yet). Needs root.
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    if !is_root() {
+        bail!("installing {} needs root (apt-get)", packages.join(" "));
+    }
+    let install = || {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(["install", "-y", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        run(cmd, Duration::from_secs(1200))
+    };
+    if install().is_ok() {
+        return Ok(());
+    }
+    let mut update = Command::new("apt-get");
+    update.arg("update").env("DEBIAN_FRONTEND", "noninteractive");
+    run(update, Duration::from_secs(600))?;
+    install().map(|_| ())
+}

@@ -2,11 +2,14 @@
 //! dirty test guest, a QMP client, the source VM, stream captures, and running the
 //! hosted destination `postcopy-dest`.
 //!
+//! `bochs` runs the hypervisor image (any multiboot kernel) under Bochs, from a GRUB ISO.
+//!
 //! Every QEMU runs with `-accel tcg` (KVM guests make no progress on this machine),
 //! and every child process is killed when its handle is dropped.
 
 pub mod baseline;
 pub mod bench;
+pub mod bochs;
 pub mod capture;
 pub mod dest;
 pub mod discard_study;

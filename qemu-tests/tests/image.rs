@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use qemu_tests::image::{migrate, Migration, SourceKind};
+use qemu_tests::image::{migrate, Emulator, Migration, SourceKind};
 
 #[test]
 fn the_pattern_guest_migrates_into_the_image_and_its_faults_are_served() {
@@ -82,4 +82,24 @@ fn exceptions_and_stack_overflows_are_reported_and_end_the_run_with_a_failure_co
     let (code, text) = boot("selftest-overflow");
     assert_eq!(code, Some(0x23), "isa-debug-exit failure: {text}");
     assert!(text.contains("EXCEPTION vector 8 (#DF double fault)"), "{text}");
+}
+
+/// The same image under Bochs: Intel VMX with EPT (`corei7_skylake_x`), chosen at boot from
+/// CPUID, and AMD SVM again on Bochs' `ryzen` as a second check. Guest RAM is read from the
+/// stopped machine through Bochs' debugger.
+#[test]
+fn under_bochs_the_image_serves_ept_violations_with_vmx_and_nested_page_faults_with_svm() {
+    for (cpu, vendor) in [(qemu_tests::bochs::INTEL_VMX, "vmx"), (qemu_tests::bochs::AMD_SVM, "svm")] {
+        let m = Migration { emulator: Emulator::Bochs(cpu.into()), ..Migration::default() };
+        let (line, log) = migrate(&m).expect("migration runs");
+        assert_eq!(line["state"], "END", "{cpu}: {line}\n{log}");
+        assert_eq!(line["vendor"], vendor, "{cpu}: {line}");
+        assert_eq!(line["emulator"], "bochs");
+        assert_eq!(line["guest_ok"], true, "{cpu}: {line}");
+        assert_eq!(line["ram_equal"], true, "{cpu}: {line}");
+        let faults = line["stage2_faults"].as_u64().unwrap();
+        assert!(faults > 0, "{cpu}: no stage-2 fault: {line}");
+        assert_eq!(line["faults_served"].as_u64(), Some(faults), "{cpu}: {line}");
+        assert_eq!(line["source"]["shut"], 0, "{cpu}: SHUT(0): {line}");
+    }
 }

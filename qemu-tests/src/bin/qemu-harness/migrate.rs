@@ -1,8 +1,9 @@
 //! `migrate`: one postcopy migration into the hypervisor image (`cargo xtask migrate`).
 //!
 //! ```text
-//! migrate [--emulator qemu] [--source own|file:PATH] [--transport serial] [--mem-mib N]
-//!         [--dump-dir DIR] [--log FILE] [--timeout-s N] [--background-pause-ms N (5)]
+//! migrate [--emulator qemu|bochs [--cpu corei7_skylake_x|ryzen]] [--source own|file:PATH]
+//!         [--transport serial] [--mem-mib N] [--dump-dir DIR] [--log FILE] [--timeout-s N]
+//!         [--background-pause-ms N (5)]
 //! ```
 //!
 //! The last stdout line is a JSON object: `state`, `vendor`, `emulator`, `transport`,
@@ -16,7 +17,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use qemu_tests::image::{migrate, Migration, SourceKind};
+use qemu_tests::image::{migrate, Emulator, Migration, SourceKind};
 use qemu_tests::{bail, Result};
 
 use crate::Flags;
@@ -26,6 +27,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         args,
         &[
             "--emulator",
+            "--cpu",
             "--source",
             "--transport",
             "--mem-mib",
@@ -36,10 +38,12 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         ],
         &[],
     )?;
-    match flags.get("--emulator").unwrap_or("qemu") {
-        "qemu" => {}
-        other => bail!("--emulator {other}: only qemu (the Bochs path is not built yet)"),
-    }
+    let emulator = match (flags.get("--emulator").unwrap_or("qemu"), flags.get("--cpu")) {
+        ("qemu", None) => Emulator::Qemu,
+        ("bochs", cpu) => Emulator::Bochs(cpu.unwrap_or(qemu_tests::bochs::INTEL_VMX).to_string()),
+        ("qemu", Some(_)) => bail!("--cpu is for Bochs (QEMU runs -cpu max)"),
+        (other, _) => bail!("--emulator {other}: qemu or bochs"),
+    };
     match flags.get("--transport").unwrap_or("serial") {
         "serial" => {}
         other => bail!("--transport {other}: only serial (virtio-vsock is not built yet)"),
@@ -58,6 +62,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         }
     };
     let m = Migration {
+        emulator,
         source,
         mem_mib: num("--mem-mib", 2)?,
         dump_dir: flags.get("--dump-dir").map(PathBuf::from),
