@@ -4,7 +4,7 @@
 //!   workspace tests (including the QEMU interop tests); prints a pass/fail summary.
 //! * `demo [ARGS]`: a live postcopy migration from QEMU into `postcopy-dest`, with
 //!   progress and a RAM check (`qemu-harness demo --help` style arguments).
-//! * `migrate [--emulator qemu] [--source own|file:PATH] [--transport serial] [--mem-mib N]
+//! * `migrate [--emulator qemu|bochs [--cpu ...]] [--source own|file:PATH] [--transport serial] [--mem-mib N]
 //!   [--dump-dir DIR]`: one postcopy migration into the hypervisor image; its last stdout line
 //!   is the JSON summary scripts read.
 //! * `soak [--runs 20] [--stage2 ept,npt] [--vcpus 4] [--mem 112M] ...` (or `soak --image
@@ -39,7 +39,7 @@ fn main() -> ExitCode {
             eprintln!(
                 "usage: cargo xtask test | demo [--machine pc|q35] [--mem 64M] [--precopy] \
                  [--touch random|seq] [--record FILE] | soak [--runs 20] [--stage2 ept,npt] [--vcpus 4] [--mem 112M] \
-                 [--max-bandwidth 12M] [--guest-writes] | migrate [--source own|file:PATH] [--mem-mib N] [--dump-dir DIR] \
+                 [--max-bandwidth 12M] [--guest-writes] | migrate [--emulator qemu|bochs] [--source own|file:PATH] [--mem-mib N] [--dump-dir DIR] \
                  | capture [--machine pc] [--mem 320M] [--out FILE] \
                  | bench [--mem 1100M]"
             );
