@@ -73,6 +73,9 @@ pub fn migrate<V: Vcpu>(make: impl FnOnce(u64) -> (V, V::Invalidate), at_end: At
     let table =
         Stage2::<V::Format>::new(FramePool::identity(slab).expect("table slab")).expect("stage-2 root");
     let (mut vcpu, invalidate) = make(table.root_pointer());
+    // The vendor's names, for the log.
+    let (stage2_exit, entry) =
+        if V::VENDOR == "vmx" { ("EPT violation", "VMRESUME") } else { ("#NPF", "VMRUN") };
     static mut DEVICE_STATE: [u8; DEVICE_STATE_BYTES] = [0; DEVICE_STATE_BYTES];
     static mut RING_BUF: [u8; RING_BYTES] = [0; RING_BYTES];
     // SAFETY: these statics are borrowed here once, for the life of the loop.
@@ -129,8 +132,9 @@ pub fn migrate<V: Vcpu>(make: impl FnOnce(u64) -> (V, V::Invalidate), at_end: At
                 let n = guest.stage2_faults;
                 defmt::info!("fault {=u64}: page arrived, mapped, vCPU 0 released", n);
                 defmt::info!(
-                    "fault {=u64}: VMRUN resumed vCPU 0, {=u64} cycles after the arrival",
+                    "fault {=u64}: {=str} resumed vCPU 0, {=u64} cycles after the arrival",
                     n,
+                    entry,
                     now - t
                 );
             }
@@ -152,8 +156,9 @@ pub fn migrate<V: Vcpu>(make: impl FnOnce(u64) -> (V, V::Invalidate), at_end: At
                         Access::Execute => "fetch",
                     };
                     defmt::info!(
-                        "fault {=u64}: #NPF exit, GPA {=u64:#x}, {=str}, guest RIP {=u64:#x}",
+                        "fault {=u64}: {=str} exit, GPA {=u64:#x}, {=str}, guest RIP {=u64:#x}",
                         n,
+                        stage2_exit,
                         gpa,
                         kind,
                         rip

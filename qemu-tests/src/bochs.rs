@@ -231,18 +231,30 @@ pub struct Config {
     pub ips: u64,
     /// The display nobody watches.
     pub display: Display,
+    /// COM2 into this file (the image's defmt log), if any.
+    pub com2_file: Option<PathBuf>,
 }
 
 impl Config {
     /// `cpu_model` with `mem_mib` MiB at [`DEFAULT_IPS`], on [`Display::Rfb`].
     pub fn new(cpu_model: &str, mem_mib: u64) -> Self {
-        Config { cpu_model: cpu_model.to_string(), mem_mib, ips: DEFAULT_IPS, display: Display::default() }
+        Config {
+            cpu_model: cpu_model.to_string(),
+            mem_mib,
+            ips: DEFAULT_IPS,
+            display: Display::default(),
+            com2_file: None,
+        }
     }
 
     /// The `bochsrc` for a machine that boots `iso` with COM1 on TCP `com1_port` and the
     /// Bochs log in `log`.
     pub fn bochsrc(&self, iso: &Path, com1_port: u16, log: &Path) -> String {
-        format!(
+        let com2 = match &self.com2_file {
+            Some(f) => format!("com2: enabled=1, mode=file, dev={}\n", f.display()),
+            None => String::new(),
+        };
+        com2 + &format!(
             "megs: {mem}\n\
              romimage: file={BIOS}\n\
              vgaromimage: file={VGA_BIOS}\n\

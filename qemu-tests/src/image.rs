@@ -240,8 +240,8 @@ impl Emulated for Machine {
     }
 }
 
-/// The image running in Bochs.
-struct BochsMachine(crate::bochs::Bochs);
+/// The image running in Bochs, its ELF and its COM2 (defmt) file.
+struct BochsMachine(crate::bochs::Bochs, PathBuf, PathBuf);
 
 impl Emulated for BochsMachine {
     fn wait_ready(&mut self, deadline: Instant) -> Result<()> {
@@ -260,10 +260,15 @@ impl Emulated for BochsMachine {
         self.0.read_phys(addr, len as usize)
     }
 
+    /// The debug console, then the defmt log (COM2) decoded with the image's `.defmt` table.
     fn quit(self) -> String {
         let console = self.0.console();
-        let log = self.0.quit();
-        format!("{console}\n--- Bochs ---\n{log}")
+        let _ = self.0.quit();
+        let decoded = match (std::fs::read(&self.1), std::fs::read(&self.2)) {
+            (Ok(elf), Ok(frames)) => decode_defmt(&elf, &frames),
+            (Err(e), _) | (_, Err(e)) => format!("(no defmt log: {e})"),
+        };
+        format!("{console}\n--- defmt log (COM2), decoded ---\n{decoded}")
     }
 }
 
@@ -313,15 +318,20 @@ pub fn migrate(m: &Migration) -> Result<(Value, String)> {
         }
         Emulator::Bochs(cpu) => {
             let iso = crate::bochs::iso(&image, "hold")?;
+            let logs = tempfile::Builder::new().prefix("bochs-defmt-").tempdir()?;
+            let com2 = logs.path().join("com2.defmt");
             let mut config = crate::bochs::Config::new(cpu, MACHINE_MIB);
             config.display = crate::bochs::Display::Term;
+            config.com2_file = Some(com2.clone());
             let bochs = crate::bochs::Bochs::start_with(&iso, &config)?;
             // Bochs boots only once COM1 is connected.
             let conn = bochs.connect_com1(Duration::from_secs(30))?;
             let started = Instant::now();
-            let mut machine = BochsMachine(bochs);
+            let mut machine = BochsMachine(bochs, image.clone(), com2);
             machine.wait_ready(started + m.timeout)?;
-            drive(machine, conn, started, source, m)
+            let outcome = drive(machine, conn, started, source, m);
+            drop(logs);
+            outcome
         }
     }
 }

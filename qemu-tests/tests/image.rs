@@ -111,5 +111,8 @@ fn under_bochs_the_image_serves_ept_violations_with_vmx_and_nested_page_faults_w
             "{cpu}: requests served first: {line}"
         );
         assert_eq!(line["source"]["shut"], 0, "{cpu}: SHUT(0): {line}");
+        // The decoded defmt log (COM2) shows the vendor's exits.
+        let exit = if vendor == "vmx" { "EPT violation exit, GPA" } else { "#NPF exit, GPA" };
+        assert!(log.contains(exit), "{cpu}: {exit:?} missing from the log:\n{log}");
     }
 }
