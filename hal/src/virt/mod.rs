@@ -48,6 +48,43 @@ pub struct GuestRegs {
     pub rax: u64,
 }
 
+// The exit stubs address `GuestRegs` by these offsets.
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(GuestRegs, rbx) == 0 && offset_of!(GuestRegs, rcx) == 8);
+    assert!(offset_of!(GuestRegs, rdx) == 16 && offset_of!(GuestRegs, rsi) == 24);
+    assert!(offset_of!(GuestRegs, rdi) == 32 && offset_of!(GuestRegs, rbp) == 40);
+    assert!(offset_of!(GuestRegs, r8) == 48 && offset_of!(GuestRegs, r15) == 104);
+    assert!(offset_of!(GuestRegs, rax) == 112);
+};
+
+/// Exit-stub assembly: loads the guest's RBX, RCX, RDX, RSI, RBP and R8-R15 from the
+/// [`GuestRegs`] that RDI points at (RDI itself last, by the stub; RAX and RSP are the
+/// vendor's business).
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+macro_rules! load_guest_regs {
+    () => {
+        "mov rbx, [rdi + 0]\n mov rcx, [rdi + 8]\n mov rdx, [rdi + 16]\n mov rsi, [rdi + 24]\n \
+         mov rbp, [rdi + 40]\n mov r8, [rdi + 48]\n mov r9, [rdi + 56]\n mov r10, [rdi + 64]\n \
+         mov r11, [rdi + 72]\n mov r12, [rdi + 80]\n mov r13, [rdi + 88]\n mov r14, [rdi + 96]\n \
+         mov r15, [rdi + 104]\n"
+    };
+}
+
+/// Exit-stub assembly: stores the same registers into the [`GuestRegs`] at RDI.
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+macro_rules! store_guest_regs {
+    () => {
+        "mov [rdi + 0], rbx\n mov [rdi + 8], rcx\n mov [rdi + 16], rdx\n mov [rdi + 24], rsi\n \
+         mov [rdi + 40], rbp\n mov [rdi + 48], r8\n mov [rdi + 56], r9\n mov [rdi + 64], r10\n \
+         mov [rdi + 72], r11\n mov [rdi + 80], r12\n mov [rdi + 88], r13\n mov [rdi + 96], r14\n \
+         mov [rdi + 104], r15\n"
+    };
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+pub(crate) use {load_guest_regs, store_guest_regs};
+
 /// A segment register, with SVM's compact attributes (type, S, DPL, P in bits 0-7; AVL, L,
 /// D/B, G in bits 8-11): the form the project's vCPU record carries.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

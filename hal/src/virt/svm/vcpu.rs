@@ -13,7 +13,7 @@ use super::vmcb::{misc1, misc2, Segment, Vmcb, NP_ENABLE, V_INTR_MASKING};
 use crate::cpu::{cpuid, rdmsr, wrmsr};
 use crate::stage2::invalidate::{NextVmrunFlush, TlbControl};
 use crate::stage2::Npt;
-use crate::virt::{ArchState, ExitReason, GuestRegs, SegmentState, Vcpu};
+use crate::virt::{load_guest_regs, store_guest_regs, ArchState, ExitReason, GuestRegs, SegmentState, Vcpu};
 
 const EFER: u32 = 0xc000_0080;
 const EFER_NXE: u64 = 1 << 11;
@@ -117,7 +117,7 @@ extern "C" {
     fn svm_run(regs: *mut GuestRegs, vmcb_pa: u64, host_vmsave_pa: u64);
 }
 
-core::arch::global_asm!(
+core::arch::global_asm!(concat!(
     r#"
     .section .text
     .global svm_run
@@ -135,20 +135,9 @@ svm_run:
     vmsave rax
     mov rax, rsi
     push rax
-    mov rbx, [rdi + 0]
-    mov rcx, [rdi + 8]
-    mov rdx, [rdi + 16]
-    mov rsi, [rdi + 24]
-    mov rbp, [rdi + 40]
-    mov r8, [rdi + 48]
-    mov r9, [rdi + 56]
-    mov r10, [rdi + 64]
-    mov r11, [rdi + 72]
-    mov r12, [rdi + 80]
-    mov r13, [rdi + 88]
-    mov r14, [rdi + 96]
-    mov r15, [rdi + 104]
-    mov rdi, [rdi + 32]
+"#,
+    load_guest_regs!(),
+    r#"    mov rdi, [rdi + 32]
     vmload rax
     sti
     vmrun rax
@@ -156,20 +145,9 @@ svm_run:
     vmsave rax
     push rdi
     mov rdi, [rsp + 24]
-    mov [rdi + 0], rbx
-    mov [rdi + 8], rcx
-    mov [rdi + 16], rdx
-    mov [rdi + 24], rsi
-    mov [rdi + 40], rbp
-    mov [rdi + 48], r8
-    mov [rdi + 56], r9
-    mov [rdi + 64], r10
-    mov [rdi + 72], r11
-    mov [rdi + 80], r12
-    mov [rdi + 88], r13
-    mov [rdi + 96], r14
-    mov [rdi + 104], r15
-    pop rax
+"#,
+    store_guest_regs!(),
+    r#"    pop rax
     mov [rdi + 32], rax
     pop rax
     pop rax
@@ -184,7 +162,7 @@ svm_run:
     pop rbx
     ret
 "#
-);
+));
 
 impl SvmVcpu {
     /// Enables SVM on this CPU (EFER.SVME, and EFER.NXE for non-executable NPT leaves; the

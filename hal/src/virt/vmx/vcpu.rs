@@ -17,7 +17,7 @@ use crate::cpu::{cpuid, rdmsr, wrmsr};
 use crate::stage2::invalidate::Invept;
 use crate::stage2::Ept;
 use crate::virt::svm::vcpu::Page;
-use crate::virt::{ArchState, ExitReason, GuestRegs, SegmentState, Vcpu};
+use crate::virt::{load_guest_regs, store_guest_regs, ArchState, ExitReason, GuestRegs, SegmentState, Vcpu};
 
 const EFER: u32 = 0xc000_0080;
 const EFER_LMA: u64 = 1 << 10;
@@ -139,7 +139,7 @@ extern "C" {
     fn vmx_run(regs: *mut GuestRegs, launched: u64) -> u64;
 }
 
-core::arch::global_asm!(
+core::arch::global_asm!(concat!(
     r#"
     .section .text
     .global vmx_run
@@ -158,20 +158,9 @@ vmx_run:
     mov rax, 0x6c16
     vmwrite rax, rcx
     mov rax, [rdi + 112]
-    mov rbx, [rdi + 0]
-    mov rcx, [rdi + 8]
-    mov rdx, [rdi + 16]
-    mov rsi, [rdi + 24]
-    mov rbp, [rdi + 40]
-    mov r8, [rdi + 48]
-    mov r9, [rdi + 56]
-    mov r10, [rdi + 64]
-    mov r11, [rdi + 72]
-    mov r12, [rdi + 80]
-    mov r13, [rdi + 88]
-    mov r14, [rdi + 96]
-    mov r15, [rdi + 104]
-    cmp qword ptr [rsp], 0
+"#,
+    load_guest_regs!(),
+    r#"    cmp qword ptr [rsp], 0
     mov rdi, [rdi + 32]
     jne 2f
     vmlaunch
@@ -191,20 +180,9 @@ vmx_exit:
     push rdi
     mov rdi, [rsp + 16]
     mov [rdi + 112], rax
-    mov [rdi + 0], rbx
-    mov [rdi + 8], rcx
-    mov [rdi + 16], rdx
-    mov [rdi + 24], rsi
-    mov [rdi + 40], rbp
-    mov [rdi + 48], r8
-    mov [rdi + 56], r9
-    mov [rdi + 64], r10
-    mov [rdi + 72], r11
-    mov [rdi + 80], r12
-    mov [rdi + 88], r13
-    mov [rdi + 96], r14
-    mov [rdi + 104], r15
-    pop rax
+"#,
+    store_guest_regs!(),
+    r#"    pop rax
     mov [rdi + 32], rax
     add rsp, 8
     pop rdi
@@ -217,7 +195,7 @@ vmx_exit:
     xor eax, eax
     ret
 "#
-);
+));
 
 /// The control value for `wanted` from `capability` (the TRUE_* MSR when IA32_VMX_BASIC bit
 /// 55 says it exists).
