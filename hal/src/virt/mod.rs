@@ -82,8 +82,24 @@ macro_rules! store_guest_regs {
     };
 }
 
+/// Exit-stub assembly: saves the host's callee-saved registers (System V) on its stack.
 #[cfg(all(target_arch = "x86_64", target_os = "none"))]
-pub(crate) use {load_guest_regs, store_guest_regs};
+macro_rules! push_host_regs {
+    () => {
+        "push rbx\n push rbp\n push r12\n push r13\n push r14\n push r15\n"
+    };
+}
+
+/// Exit-stub assembly: restores what [`push_host_regs`] saved.
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+macro_rules! pop_host_regs {
+    () => {
+        "pop r15\n pop r14\n pop r13\n pop r12\n pop rbp\n pop rbx\n"
+    };
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+pub(crate) use {load_guest_regs, pop_host_regs, push_host_regs, store_guest_regs};
 
 /// A segment register, with SVM's compact attributes (type, S, DPL, P in bits 0-7; AVL, L,
 /// D/B, G in bits 8-11): the form the project's vCPU record carries.

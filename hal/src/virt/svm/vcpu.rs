@@ -13,7 +13,10 @@ use super::vmcb::{misc1, misc2, Segment, Vmcb, NP_ENABLE, V_INTR_MASKING};
 use crate::cpu::{cpuid, rdmsr, wrmsr};
 use crate::stage2::invalidate::{NextVmrunFlush, TlbControl};
 use crate::stage2::Npt;
-use crate::virt::{load_guest_regs, store_guest_regs, ArchState, ExitReason, GuestRegs, SegmentState, Vcpu};
+use crate::virt::{
+    load_guest_regs, pop_host_regs, push_host_regs, store_guest_regs, ArchState, ExitReason, GuestRegs,
+    SegmentState, Vcpu,
+};
 
 const EFER: u32 = 0xc000_0080;
 const EFER_NXE: u64 = 1 << 11;
@@ -122,13 +125,9 @@ core::arch::global_asm!(concat!(
     .section .text
     .global svm_run
 svm_run:
-    push rbx
-    push rbp
-    push r12
-    push r13
-    push r14
-    push r15
-    push rdi
+"#,
+    push_host_regs!(),
+    r#"    push rdi
     push rdx
     clgi
     mov rax, rdx
@@ -154,13 +153,9 @@ svm_run:
     vmload rax
     stgi
     pop rdi
-    pop r15
-    pop r14
-    pop r13
-    pop r12
-    pop rbp
-    pop rbx
-    ret
+"#,
+    pop_host_regs!(),
+    r#"    ret
 "#
 ));
 

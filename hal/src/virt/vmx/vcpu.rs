@@ -17,7 +17,10 @@ use crate::cpu::{cpuid, rdmsr, wrmsr};
 use crate::stage2::invalidate::Invept;
 use crate::stage2::Ept;
 use crate::virt::svm::vcpu::Page;
-use crate::virt::{load_guest_regs, store_guest_regs, ArchState, ExitReason, GuestRegs, SegmentState, Vcpu};
+use crate::virt::{
+    load_guest_regs, pop_host_regs, push_host_regs, store_guest_regs, ArchState, ExitReason, GuestRegs,
+    SegmentState, Vcpu,
+};
 
 const EFER: u32 = 0xc000_0080;
 const EFER_LMA: u64 = 1 << 10;
@@ -144,13 +147,9 @@ core::arch::global_asm!(concat!(
     .section .text
     .global vmx_run
 vmx_run:
-    push rbx
-    push rbp
-    push r12
-    push r13
-    push r14
-    push r15
-    push rdi
+"#,
+    push_host_regs!(),
+    r#"    push rdi
     push rsi
     mov rax, 0x6c14
     vmwrite rax, rsp
@@ -168,13 +167,9 @@ vmx_run:
 2:  vmresume
 3:  add rsp, 8
     pop rdi
-    pop r15
-    pop r14
-    pop r13
-    pop r12
-    pop rbp
-    pop rbx
-    mov eax, 1
+"#,
+    pop_host_regs!(),
+    r#"    mov eax, 1
     ret
 vmx_exit:
     push rdi
@@ -186,13 +181,9 @@ vmx_exit:
     mov [rdi + 32], rax
     add rsp, 8
     pop rdi
-    pop r15
-    pop r14
-    pop r13
-    pop r12
-    pop rbp
-    pop rbx
-    xor eax, eax
+"#,
+    pop_host_regs!(),
+    r#"    xor eax, eax
     ret
 "#
 ));
