@@ -26,6 +26,7 @@ pub mod ram;
 pub mod relay;
 pub mod scenario;
 pub mod source;
+pub mod vsock;
 
 use std::fmt;
 use std::path::PathBuf;

@@ -1,9 +1,14 @@
 //! A recording relay between a migration source (over a unix socket) and a destination
-//! (unix socket or TCP): it accepts the source's connection, connects to the destination,
-//! copies both directions and saves each to a file (the stream, and the return path).
+//! (unix socket, TCP, or a guest's vsock port through vhost-device-vsock's hybrid socket):
+//! it accepts the source's connection, connects to the destination, copies both directions
+//! and saves each to a file (the stream, and the return path).
+//!
+//! With a vsock destination it is the *bridge* that stands in for QEMU migrating straight to
+//! `vsock:CID:PORT` on a host with the kernel's vhost-vsock (see `docs/vsock.md`).
 
 use std::io::{BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -24,12 +29,24 @@ pub enum Endpoint {
     Unix(PathBuf),
     /// A TCP address.
     Tcp(SocketAddr),
+    /// A guest's vsock `port`, through vhost-device-vsock's hybrid socket `uds`
+    /// ([`crate::vsock::connect`], retried until the relay's deadline while the guest's
+    /// driver is not up).
+    Vsock {
+        /// The daemon's `--uds-path`.
+        uds: PathBuf,
+        /// The guest's port (1234 for the image's migration stream).
+        port: u32,
+    },
 }
 
 /// A connected destination socket of either kind.
 enum Conn {
     Unix(UnixStream),
     Tcp(TcpStream),
+    /// A vsock stream through the daemon's hybrid socket: never half-closed (see
+    /// [`Conn::shutdown_write`]).
+    Vsock(UnixStream),
 }
 
 impl Conn {
@@ -37,13 +54,30 @@ impl Conn {
         Ok(match self {
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),
             Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Vsock(s) => Conn::Vsock(s.try_clone()?),
         })
     }
 
+    /// Tells the peer that no more bytes come (end of stream), keeping the other direction
+    /// open. Not for vsock: vhost-device-vsock turns the host's half-close (a read of 0 on
+    /// its side) into a full SHUTDOWN (receive and send) to the guest, which cuts the return
+    /// path too, and the destination's last messages (SHUT, a final page request) can still
+    /// be on their way after the source's last stream byte. A vsock destination finds the
+    /// end from the stream's own framing (QEMU_VM_EOF) instead; the relay closes the vsock
+    /// connection only when the return path is over (see [`Relay::start`]).
     fn shutdown_write(&self) {
         let _ = match self {
             Conn::Unix(s) => s.shutdown(Shutdown::Write),
             Conn::Tcp(s) => s.shutdown(Shutdown::Write),
+            Conn::Vsock(_) => Ok(()),
+        };
+    }
+
+    /// Closes both directions (wakes a thread blocked reading it).
+    fn shutdown_both(&self) {
+        let _ = match self {
+            Conn::Unix(s) | Conn::Vsock(s) => s.shutdown(Shutdown::Both),
+            Conn::Tcp(s) => s.shutdown(Shutdown::Both),
         };
     }
 }
@@ -51,7 +85,7 @@ impl Conn {
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
-            Conn::Unix(s) => s.read(buf),
+            Conn::Unix(s) | Conn::Vsock(s) => s.read(buf),
             Conn::Tcp(s) => s.read(buf),
         }
     }
@@ -60,14 +94,14 @@ impl Read for Conn {
 impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
-            Conn::Unix(s) => s.write(buf),
+            Conn::Unix(s) | Conn::Vsock(s) => s.write(buf),
             Conn::Tcp(s) => s.write(buf),
         }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
-            Conn::Unix(s) => s.flush(),
+            Conn::Unix(s) | Conn::Vsock(s) => s.flush(),
             Conn::Tcp(s) => s.flush(),
         }
     }
@@ -96,10 +130,39 @@ fn pump(mut from: Conn, mut to: Conn, record: &Path) -> Result<u64> {
     Ok(total)
 }
 
+/// After the stream's end on a vsock relay: waits until the return-path thread `back` has
+/// ended (the destination closed) or the source has closed its socket entirely (POLLHUP on
+/// `src`: a unix socket reports it only when both directions are shut, so a source that only
+/// half-closed still gets its return path).
+fn wait_return_path_over(src: &Conn, back: &JoinHandle<Result<u64>>) {
+    let fd = match src {
+        Conn::Unix(s) | Conn::Vsock(s) => s.as_raw_fd(),
+        Conn::Tcp(s) => s.as_raw_fd(),
+    };
+    while !back.is_finished() {
+        let mut pfd = libc::pollfd { fd, events: 0, revents: 0 };
+        // SAFETY: poll(2) on one pollfd that lives on this stack frame for the call; `fd` is
+        // open (owned by `src`, borrowed for the whole function). POLLHUP and POLLERR are
+        // reported even with no events requested. The 20 ms timeout bounds how late the
+        // return-path thread's end is noticed (it has no descriptor to wait on).
+        let n = unsafe { libc::poll(&mut pfd, 1, 20) };
+        if n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+            return;
+        }
+    }
+}
+
 impl Relay {
     /// Listens on `listen`; on the first connection, connects to `dest` and relays,
     /// recording source-to-destination bytes in `stream` and the other direction in
-    /// `return_path`. Gives up waiting for the connection at `deadline`.
+    /// `return_path`. Gives up waiting for the connection at `deadline` (and, for
+    /// [`Endpoint::Vsock`], for the guest to accept).
+    ///
+    /// It ends when both directions have: the stream when the source closes it, the return
+    /// path when the destination closes it. With a vsock destination the stream's end is not
+    /// passed on (no half-close, see [`Conn::shutdown_write`]); the relay then waits until the
+    /// destination closes or the source has closed its socket entirely (nobody left to read
+    /// the return path), and closes the vsock connection.
     pub fn start(
         listen: &Path,
         dest: Endpoint,
@@ -131,10 +194,24 @@ impl Relay {
                     s.set_nodelay(true)?;
                     Conn::Tcp(s)
                 }
+                Endpoint::Vsock { uds, port } => Conn::Vsock(crate::vsock::connect(uds, *port, deadline)?),
             };
             let (src2, dst2) = (src.try_clone()?, dst.try_clone()?);
+            let vsock_end = match &dst {
+                Conn::Vsock(_) => Some((src.try_clone()?, dst.try_clone()?)),
+                _ => None,
+            };
             let back = std::thread::spawn(move || pump(dst2, src2, &return_path));
-            let forward = pump(src, dst, &stream)?;
+            let forward = pump(src, dst, &stream);
+            if let Some((src, dst)) = vsock_end {
+                // Whatever ended the stream, end the return path too once nobody can take
+                // it any more, else the return-path thread would read the vsock forever.
+                if forward.is_ok() {
+                    wait_return_path_over(&src, &back);
+                }
+                dst.shutdown_both();
+            }
+            let forward = forward?;
             let backward = match back.join() {
                 Ok(r) => r?,
                 Err(_) => bail!("relay: return-path thread panicked"),
