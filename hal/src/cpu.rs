@@ -42,6 +42,19 @@ pub unsafe fn outl(port: u16, value: u32) {
     unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) };
 }
 
+/// Reads a 32-bit value from I/O port `port`.
+///
+/// # Safety
+///
+/// As [`inb`].
+#[inline]
+pub unsafe fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as in `inb`.
+    unsafe { asm!("in eax, dx", out("eax") value, in("dx") port, options(nomem, nostack, preserves_flags)) };
+    value
+}
+
 /// Reads model-specific register `msr`.
 ///
 /// # Safety

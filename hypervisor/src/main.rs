@@ -1,5 +1,6 @@
-//! The hypervisor image: boots (PVH), receives a guest by postcopy migration over COM1 and runs
-//! it under AMD SVM with nested paging, serving its missing pages from real #NPF exits.
+//! The hypervisor image: boots (PVH or multiboot2), receives a guest by postcopy migration over
+//! virtio-vsock (or COM1 on a machine without the device) and runs it under AMD SVM with nested
+//! paging or Intel VMX with EPT, serving its missing pages from real stage-2 fault exits.
 //!
 //! It wires `agent` (the protocol) to `hal` (the hardware) and holds no protocol logic. It is
 //! built for `x86_64-unknown-none` only; on the host it is an empty program that says so (so
@@ -16,11 +17,15 @@ mod console;
 #[cfg(target_os = "none")]
 mod cycles;
 #[cfg(target_os = "none")]
+mod devices;
+#[cfg(target_os = "none")]
 mod exceptions;
 #[cfg(target_os = "none")]
 mod exit;
 #[cfg(target_os = "none")]
 mod guest;
+#[cfg(target_os = "none")]
+mod latency;
 #[cfg(target_os = "none")]
 mod log;
 #[cfg(target_os = "none")]
@@ -35,6 +40,8 @@ mod run;
 mod selftest;
 #[cfg(target_os = "none")]
 mod transport;
+#[cfg(target_os = "none")]
+mod vsock;
 
 /// The Rust entry, called by the boot code in long mode with the PVH start_info address.
 #[cfg(target_os = "none")]
@@ -71,25 +78,37 @@ extern "C" fn kmain(info: u32, magic: u32) -> ! {
     let vendor = [b.to_le_bytes(), d.to_le_bytes(), c.to_le_bytes()];
     defmt::info!("CPU vendor {=[u8]:a}", vendor.as_flattened());
     let at_end = if words().any(|w| w == "hold") { run::AtEnd::Hold } else { run::AtEnd::Exit };
+    let value = |key: &str| words().find_map(|w| w.strip_prefix(key));
+    let number = |v: &str| match v.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => v.parse().ok(),
+    };
+    let opts = run::Options {
+        at_end,
+        probe: value("probe=").and_then(number),
+        run_after_end_ms: value("after-end-ms=").and_then(number).unwrap_or(1000),
+    };
+    let per_us = latency::calibrate();
+    defmt::info!("TSC: {=u64} cycles per microsecond (against PIT channel 2)", per_us);
     // The vendor from CPUID: SVM with nested paging, else VMX with EPT.
     use hal::virt::svm::vcpu::SvmVcpu;
     use hal::virt::vmx::vcpu::VmxVcpu;
     let svm = hal::virt::svm::vcpu::features();
     if let Ok(features) = svm {
         defmt::info!("SVM: {}", defmt::Debug2Format(&features));
-        run::migrate(
+        start(
             |n_cr3| {
                 // SAFETY: the nested table maps guest frames only; nothing else uses SVM.
                 let vcpu = unsafe { SvmVcpu::new(svm_pages(), features, n_cr3) };
                 (vcpu, NextVmrunFlush::new(features.flush_by_asid))
             },
-            at_end,
+            opts,
         )
     }
     let vmx = hal::virt::vmx::vcpu::available();
     if vmx.is_ok() {
         defmt::info!("VMX with EPT");
-        run::migrate(
+        start(
             |eptp| {
                 // SAFETY: the EPT table maps guest frames only; nothing else uses VMX; the GDT,
                 // IDT and TSS loaded at boot stay.
@@ -106,7 +125,7 @@ extern "C" fn kmain(info: u32, magic: u32) -> ! {
                     }
                 }
             },
-            at_end,
+            opts,
         )
     }
     let _ = writeln!(
@@ -114,6 +133,40 @@ extern "C" fn kmain(info: u32, magic: u32) -> ! {
         "RESULT {{\"state\":\"error\",\"error\":\"no SVM with nested paging ({svm:?}), no VMX with EPT ({vmx:?})\"}}"
     );
     exit::exit(exit::Code::Failure)
+}
+
+/// Runs the migration over virtio-vsock if the machine has the device, else over COM1.
+#[cfg(target_os = "none")]
+fn start<V: hal::virt::Vcpu>(make: impl FnOnce(u64) -> (V, V::Invalidate), opts: run::Options) -> ! {
+    use core::fmt::Write;
+    match vsock::probe() {
+        Ok(Some((stream, rp))) => run::migrate(make, stream, rp, "vsock", opts),
+        Ok(None) => {
+            // SAFETY: COM1 is the stream's 16550; this is its only set-up, and the two handles
+            // are used from the one main loop.
+            let (uart, tx) = unsafe {
+                (hal::serial::Uart::init(hal::serial::COM1), hal::serial::Uart::attach(hal::serial::COM1))
+            };
+            static mut RING_BUF: [u8; transport::RING_BYTES] = [0; transport::RING_BYTES];
+            // SAFETY: borrowed here once, for the rest of the run.
+            let ring = transport::Ring::new(unsafe { &mut *core::ptr::addr_of_mut!(RING_BUF) });
+            run::migrate(
+                make,
+                transport::Serial { ring, uart },
+                transport::SerialReturnPath(tx),
+                "COM1",
+                opts,
+            )
+        }
+        Err(e) => {
+            let _ = writeln!(
+                console::Console,
+                "RESULT {{\"state\":\"error\",\"vendor\":\"{}\",\"error\":\"virtio-vsock bring-up failed: {e:?}\"}}",
+                V::VENDOR
+            );
+            exit::exit(exit::Code::Failure)
+        }
+    }
 }
 
 /// The kernel command line, or "": from the PVH start_info (`cmdline_paddr` at offset 24,

@@ -12,7 +12,7 @@ use hal::stage2::TablePage;
 /// Host-physical start of the guest frames.
 pub const FRAMES_BASE: u64 = 64 << 20;
 /// Bytes of guest frames.
-pub const FRAMES_LEN: u64 = 64 << 20;
+pub const FRAMES_LEN: u64 = 128 << 20;
 /// Nested page table pages: enough to map all of [`FRAMES_LEN`] with 4 KiB pages, wherever it
 /// sits below 4 GiB (one table per 2 MiB, plus the upper levels).
 pub const TABLE_PAGES: usize = (FRAMES_LEN / (2 << 20)) as usize + 16;

@@ -1,23 +1,27 @@
-//! The main loop: bytes from COM1 into the receive ring and through the agent; after RUN, the
-//! guest vCPU runs, and its stage-2 faults become page requests; a parked vCPU runs again once
-//! its page is mapped. Ends with a one-line report (`RESULT {json}`) on the debug console.
+//! The main loop: stream bytes from the transport through the agent; after RUN, the guest
+//! vCPU runs, and its stage-2 faults become page requests; a parked vCPU runs again once its
+//! page is mapped. After the migration the guest goes on running for a while (a real VM keeps
+//! running on its destination); then the loop ends with a one-line report (`RESULT {json}`) on
+//! the debug console.
 
 use core::fmt::Write;
 
+use agent::ports::ReturnPath;
 use agent::postcopy::{Engine, EngineConfig, Fault, Shared, State};
 use agent::sync::AtomicU64;
-use hal::serial::{Uart, COM1};
 use hal::stage2::port::TablePort;
-use hal::stage2::{FramePool, Stage2};
+use hal::stage2::{FramePool, Gpa, Stage2};
 use hal::virt::{Access, ExitReason, Vcpu};
 
 use crate::console::Console;
 use crate::cycles::Samples;
+use crate::devices::{Devices, IoResult};
 use crate::exit::{exit, Code};
-use crate::guest;
-use crate::memory::{FRAMES_LEN, TABLE_SLAB};
+use crate::guest::{self, GuestKind};
+use crate::latency::{self, Latency};
+use crate::memory::{frames_mut, FRAMES_LEN, TABLE_SLAB};
 use crate::platform::{ImagePorts, DEVICE_STATE_BYTES};
-use crate::transport::{Ring, SerialReturnPath, RING_BYTES};
+use crate::transport::{Poll, StreamIn};
 
 /// Words of each page bitmap: one bit per 4 KiB page of the frames region.
 const BITMAP_WORDS: usize = (FRAMES_LEN / (64 * 4096)) as usize;
@@ -35,19 +39,26 @@ struct GuestResult {
     written: u64,
 }
 
+/// Why the guest stopped for good, for the report.
+pub type StopReason = heapless::String<160>;
+
 /// The guest vCPU's progress.
 #[derive(Default)]
 struct GuestState {
+    kind: Option<GuestKind>,
     restored: bool,
     parked: bool,
-    /// Stopped for good: its result came, it halted, or it did something the image does not
-    /// emulate (`stopped`).
+    /// Stopped for good: its result came, it halted, it ran its time after the migration, or
+    /// it did something the image does not emulate (`stopped`).
     done: bool,
-    stopped: Option<&'static str>,
+    stopped: Option<StopReason>,
     result: Option<GuestResult>,
     stage2_faults: u64,
     faults_served: u64,
     exits: u64,
+    io_exits: u64,
+    /// TSC of the stage-2 exit the parked vCPU waits on.
+    blocked_since: Option<u64>,
 }
 
 /// How the run ends after its report.
@@ -60,14 +71,38 @@ pub enum AtEnd {
     Hold,
 }
 
-/// Receives a migration over COM1 and runs the guest on a vCPU of vendor `V`, which `make`
-/// creates for the stage-2 table's root pointer (nCR3 or EPTP), with where the table's flushes
-/// go; never returns.
-pub fn migrate<V: Vcpu>(make: impl FnOnce(u64) -> (V, V::Invalidate), at_end: AtEnd) -> ! {
-    // SAFETY: COM1 is the stream's 16550; this is its only set-up, and the two handles are
-    // used from this one loop.
-    let (mut rx, tx) = unsafe { (Uart::init(COM1), Uart::attach(COM1)) };
-    let shared = Shared::new(&RECEIVED, &REQUESTED, SerialReturnPath(tx));
+/// What the command line asks of the run.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// How the run ends.
+    pub at_end: AtEnd,
+    /// Guest-physical address of a 32-bit progress counter to report (`probe=0x...`).
+    pub probe: Option<u64>,
+    /// How long the guest runs once the migration is complete (`after-end-ms=N`).
+    pub run_after_end_ms: u64,
+}
+
+/// The timestamps of the stream, for its rate.
+#[derive(Default)]
+struct StreamClock {
+    first_byte: Option<u64>,
+    /// TSC and stream bytes when the guest started here (RUN).
+    run: Option<(u64, u64)>,
+    complete: Option<u64>,
+    last_progress: u64,
+}
+
+/// Receives a migration from `stream` (its return path `rp`) and runs the guest on a vCPU of
+/// vendor `V`, which `make` creates for the stage-2 table's root pointer (nCR3 or EPTP), with
+/// where the table's flushes go; never returns.
+pub fn migrate<V: Vcpu, S: StreamIn, R: ReturnPath>(
+    make: impl FnOnce(u64) -> (V, V::Invalidate),
+    mut stream: S,
+    rp: R,
+    transport: &'static str,
+    opts: Options,
+) -> ! {
+    let shared = Shared::new(&RECEIVED, &REQUESTED, rp);
     // SAFETY: the slab is used by this one table only.
     let slab = unsafe { &mut *core::ptr::addr_of_mut!(TABLE_SLAB) };
     let table =
@@ -77,58 +112,91 @@ pub fn migrate<V: Vcpu>(make: impl FnOnce(u64) -> (V, V::Invalidate), at_end: At
     let (stage2_exit, entry) =
         if V::VENDOR == "vmx" { ("EPT violation", "VMRESUME") } else { ("#NPF", "VMRUN") };
     static mut DEVICE_STATE: [u8; DEVICE_STATE_BYTES] = [0; DEVICE_STATE_BYTES];
-    static mut RING_BUF: [u8; RING_BYTES] = [0; RING_BYTES];
-    // SAFETY: these statics are borrowed here once, for the life of the loop.
-    let (device_state, ring_buf) =
-        unsafe { (&mut *core::ptr::addr_of_mut!(DEVICE_STATE), &mut *core::ptr::addr_of_mut!(RING_BUF)) };
+    // SAFETY: this static is borrowed here once, for the life of the loop.
+    let device_state = unsafe { &mut *core::ptr::addr_of_mut!(DEVICE_STATE) };
     let ports = ImagePorts::new(TablePort::new(table, invalidate), device_state);
     let mut engine = Engine::new(&shared, ports, EngineConfig::default());
-    let mut ring = Ring::new(ring_buf);
     let mut guest = GuestState::default();
+    let mut devices = Devices::default();
     let (mut exit_to_request, mut page_to_resume) = (Samples::new(), Samples::new());
+    let mut latency = Latency::new();
+    let mut clock = StreamClock::default();
     let mut arrival: Option<u64> = None;
+    let mut run_until: Option<u64> = None;
+    let mut closed = false;
     // The harness waits for this line before it connects (COM1's set-up resets its FIFO).
-    let _ = writeln!(Console, "waiting for the migration stream on COM1");
-    defmt::info!("waiting for the migration stream on COM1");
+    let _ = writeln!(Console, "waiting for the migration stream on {transport}");
+    defmt::info!("waiting for the migration stream on {=str}", transport);
     loop {
-        ring.fill_from(&mut rx);
-        if !engine.finished() && ring.len() > 0 {
-            let (first, second) = ring.readable();
-            match engine.receive(first, second) {
-                Ok(p) => ring.consume(p.consumed),
-                Err(e) => report_error(V::VENDOR, &e, &shared, engine.stats().bytes, at_end),
+        let poll = stream.poll();
+        if !engine.finished() {
+            match poll {
+                Poll::Data => {
+                    clock.first_byte.get_or_insert_with(hal::cpu::rdtsc);
+                    receive(&mut engine, &mut stream, &shared, V::VENDOR, opts.at_end);
+                }
+                Poll::Closed if !closed => {
+                    closed = true;
+                    if let Err(e) = engine.end_of_input() {
+                        report_error(V::VENDOR, &e, &shared, engine.stats().bytes, opts.at_end);
+                    }
+                }
+                _ => {}
+            }
+            if engine.finished() {
+                let now = hal::cpu::rdtsc();
+                clock.complete = Some(now);
+                run_until = Some(now + opts.run_after_end_ms * 1000 * latency::calibrate());
+                defmt::info!("migration complete: the guest runs {=u64} ms more", opts.run_after_end_ms);
+                stream.finish();
             }
         }
+        progress(&mut clock, &engine, &shared, guest.faults_served);
         if let Some(t) = engine.ports().released.take() {
             guest.parked = false;
             arrival = Some(t);
         }
         let state = shared.state.get();
+        if clock.run.is_none() && matches!(state, State::Running) {
+            clock.run = Some((hal::cpu::rdtsc(), engine.stats().bytes));
+        }
         if !guest.restored && (matches!(state, State::Running | State::End) || engine.finished()) {
-            match guest::vcpu_record(engine.ports().device_state()) {
-                Ok(record) => {
-                    vcpu.load(&guest::state(&record));
+            match guest::restore(engine.ports().device_state()) {
+                Ok(restored) => {
+                    vcpu.load(&restored.state);
+                    devices = restored.devices;
+                    guest.kind = Some(restored.kind);
                     defmt::info!(
-                        "vCPU 0 restored from the migrated record: RIP {=u64:#x}, CR3 {=u64:#x}",
-                        record.rip.get(),
-                        record.cr3.get()
+                        "vCPU 0 restored from {=str}: RIP {=u64:#x}, CR0 {=u64:#x}, CR3 {=u64:#x}",
+                        restored.kind.name(),
+                        restored.state.rip,
+                        restored.state.cr0,
+                        restored.state.cr3
                     );
                 }
                 Err(e) => {
-                    defmt::error!("no vCPU to run: {=str}", e);
+                    defmt::error!("no vCPU to run: {=str}", e.as_str());
                     guest.done = true;
                     guest.stopped = Some(e);
                 }
             }
             guest.restored = true;
+            devices.resume(hal::cpu::rdtsc());
+        }
+        if run_until.is_some_and(|t| hal::cpu::rdtsc() >= t) && !guest.done {
+            guest.done = true;
+            defmt::info!("the guest ran its time after the migration: stopped");
         }
         if guest.restored && !guest.parked && !guest.done {
             let resumed = arrival.take().map(|t| (t, hal::cpu::rdtsc()));
             let reason = vcpu.run(engine.ports().stage2.invalidate());
             let at_exit = hal::cpu::rdtsc();
-            // Logged after the VMRUN, so that the log's own cost stays out of the sample.
+            // Logged after the entry, so that the log's own cost stays out of the sample.
             if let Some((t, now)) = resumed {
                 page_to_resume.add(t, now);
+                if let Some(since) = guest.blocked_since.take() {
+                    latency.add(now - since);
+                }
                 let n = guest.stage2_faults;
                 defmt::info!("fault {=u64}: page arrived, mapped, vCPU 0 released", n);
                 defmt::info!(
@@ -172,6 +240,7 @@ pub fn migrate<V: Vcpu>(make: impl FnOnce(u64) -> (V, V::Invalidate), at_end: At
                             exit_to_request.add(at_exit, now);
                             guest.faults_served += 1;
                             guest.parked = true;
+                            guest.blocked_since = Some(at_exit);
                             defmt::info!(
                                 "fault {=u64}: page request for block {=usize} offset {=u64:#x} sent, {=u64} cycles after the exit; vCPU 0 parked",
                                 n,
@@ -187,8 +256,12 @@ pub fn migrate<V: Vcpu>(make: impl FnOnce(u64) -> (V, V::Invalidate), at_end: At
                                 defmt::Debug2Format(&e)
                             );
                             guest.done = true;
-                            guest.stopped =
-                                Some("a stage-2 fault the agent refused (outside guest RAM: MMIO)");
+                            let mut why = StopReason::new();
+                            let _ = write!(
+                                why,
+                                "{kind} of guest-physical {gpa:#x} at RIP {rip:#x}: outside guest RAM (MMIO the image does not emulate)"
+                            );
+                            guest.stopped = Some(why);
                         }
                     }
                 }
@@ -211,10 +284,39 @@ pub fn migrate<V: Vcpu>(make: impl FnOnce(u64) -> (V, V::Invalidate), at_end: At
                     vcpu.skip_instruction(&reason);
                     guest.done = true;
                 }
-                ExitReason::Io { port: 0xe9, write: true, size: 1, string: false } => {
-                    let byte = vcpu.regs().rax as u8;
-                    let _ = write!(Console, "{}", byte as char);
-                    vcpu.skip_instruction(&reason);
+                ExitReason::Io { port, write, size, string: false } => {
+                    guest.io_exits += 1;
+                    let regs = vcpu.regs();
+                    match devices.io(port, write, size, regs.rax, hal::cpu::rdtsc()) {
+                        IoResult::Done(value) => {
+                            if let Some(v) = value {
+                                let mask =
+                                    if size >= 4 { u64::from(u32::MAX) } else { (1u64 << (8 * size)) - 1 };
+                                regs.rax = (regs.rax & !mask) | (v & mask);
+                            }
+                            vcpu.skip_instruction(&reason);
+                        }
+                        IoResult::Unsupported(e) => {
+                            let rip = vcpu.rip();
+                            let mut why = StopReason::new();
+                            let _ = write!(why, "I/O port {port:#x} at RIP {rip:#x}: {e}");
+                            defmt::error!("guest stopped: {=str}", why.as_str());
+                            guest.done = true;
+                            guest.stopped = Some(why);
+                        }
+                        IoResult::NotEmulated => {
+                            let rip = vcpu.rip();
+                            let dir = if write { "OUT to" } else { "IN from" };
+                            let mut why = StopReason::new();
+                            let _ = write!(
+                                why,
+                                "{dir} I/O port {port:#x} ({size} bytes) at RIP {rip:#x}: a device the image does not emulate"
+                            );
+                            defmt::error!("guest stopped: {=str}", why.as_str());
+                            guest.done = true;
+                            guest.stopped = Some(why);
+                        }
+                    }
                 }
                 other => {
                     let rip = vcpu.rip();
@@ -224,94 +326,275 @@ pub fn migrate<V: Vcpu>(make: impl FnOnce(u64) -> (V, V::Invalidate), at_end: At
                         rip
                     );
                     guest.done = true;
-                    guest.stopped = Some("an exit the image does not emulate (see the log)");
+                    let mut why = StopReason::new();
+                    let _ = write!(why, "an exit the image does not handle ({other:?}) at RIP {rip:#x}");
+                    guest.stopped = Some(why);
                 }
             }
         }
         if engine.finished() && guest.done {
             let stats = engine.stats();
             let blocks = engine.ports().blocks.clone();
-            report(
-                V::VENDOR,
-                &shared,
+            let table = engine.ports().stage2.table();
+            let probe = opts.probe.and_then(|gpa| read_guest_u32(table, gpa));
+            // Static: the list is too large for the stack.
+            static mut WRITTEN: Written = Written::new();
+            // SAFETY: reached once, at the end of the run.
+            let written = unsafe { &mut *core::ptr::addr_of_mut!(WRITTEN) };
+            written_pages(table, shared.layout(), written);
+            let report = Report {
+                vendor: V::VENDOR,
+                transport,
                 stats,
-                &blocks,
-                &guest,
-                &mut exit_to_request,
-                &mut page_to_resume,
-                at_end,
-            );
+                blocks: &blocks,
+                guest: &guest,
+                latency: &latency,
+                clock: &clock,
+                sink: stream.sink(),
+                probe,
+                written,
+            };
+            report.write(&shared, &mut exit_to_request, &mut page_to_resume);
+            let ok = guest.result.is_some() || guest.kind == Some(GuestKind::Qemu);
+            end(opts.at_end, if ok { Code::Success } else { Code::Failure })
         }
     }
 }
 
-/// The final report: one `RESULT {json}` line.
-#[allow(clippy::too_many_arguments)]
-fn report(
+/// Hands the transport's bytes to the engine; joins pieces when it is stuck on a record spread
+/// over more than two.
+fn receive<P: agent::ports::StreamPorts, S: StreamIn, R: ReturnPath>(
+    engine: &mut Engine<'_, '_, '_, R, P>,
+    stream: &mut S,
+    shared: &Shared<'_, R>,
     vendor: &str,
-    shared: &Shared<'_, SerialReturnPath>,
-    s: agent::postcopy::Stats,
-    blocks: &[(u64, u64)],
-    guest: &GuestState,
-    exit_to_request: &mut Samples,
-    page_to_resume: &mut Samples,
     at_end: AtEnd,
-) -> ! {
+) {
+    loop {
+        let (first, second) = stream.readable();
+        let waiting = first.len() + second.len();
+        if waiting == 0 {
+            return;
+        }
+        match engine.receive(first, second) {
+            Ok(p) => {
+                stream.consume(p.consumed);
+                if p.finished {
+                    return;
+                }
+                if p.consumed == 0 && !stream.stuck() {
+                    return;
+                }
+            }
+            Err(e) => report_error(vendor, &e, shared, engine.stats().bytes, at_end),
+        }
+    }
+}
+
+/// Prints a `PROGRESS` line for the harness's live display, at most every 100 ms.
+fn progress<P: agent::ports::StreamPorts, R: ReturnPath>(
+    clock: &mut StreamClock,
+    engine: &Engine<'_, '_, '_, R, P>,
+    shared: &Shared<'_, R>,
+    faults_served: u64,
+) {
+    let now = hal::cpu::rdtsc();
+    if now.saturating_sub(clock.last_progress) < 100_000 * latency::calibrate() {
+        return;
+    }
+    clock.last_progress = now;
+    let s = engine.stats();
     let c = &shared.counters;
-    let load = |a: &agent::sync::AtomicU64| a.load(agent::sync::Ordering::Relaxed);
-    let mut w = Console;
-    let _ = write!(
-        w,
-        "RESULT {{\"state\":\"{}\",\"vendor\":\"{vendor}\",\"stage2_faults\":{},\"faults_served\":{},\"page_requests\":{},\
-         \"pages_received\":{},\"zero_pages\":{},\"discarded_pages\":{},\"duplicate_pages\":{},\"stream_bytes\":{},\
-         \"guest_exits\":{},\"fault_exit_to_request_cycles_p50\":{},\"fault_exit_to_request_cycles_p99\":{},\
-         \"page_to_resume_cycles_p50\":{},\"page_to_resume_cycles_p99\":{},\"fault_samples\":{},",
-        shared.state.get().name(),
-        guest.stage2_faults,
-        guest.faults_served,
-        load(&c.requests),
-        s.pages + s.zero_pages,
-        s.zero_pages,
-        s.discarded_pages,
-        s.duplicate_pages,
+    let requests = c.requests.load(agent::sync::Ordering::Relaxed);
+    let _ = writeln!(
+        Console,
+        "PROGRESS {{\"bytes\":{},\"pages_received\":{},\"discarded_pages\":{},\"page_requests\":{},\"faults_served\":{},\"state\":\"{}\"}}",
         s.bytes,
-        guest.exits,
-        exit_to_request.percentile(50),
-        exit_to_request.percentile(99),
-        page_to_resume.percentile(50),
-        page_to_resume.percentile(99),
-        exit_to_request.count(),
+        s.pages + s.zero_pages,
+        s.discarded_pages,
+        requests,
+        faults_served,
+        shared.state.get().name()
     );
-    match guest.result {
-        Some(r) => {
+}
+
+/// The 32-bit value at guest-physical `gpa`, through the stage-2 table (`None` if unmapped).
+fn read_guest_u32<F: hal::stage2::Format>(table: &Stage2<'_, F>, gpa: u64) -> Option<u32> {
+    let t = table.translate(Gpa(gpa))?;
+    // SAFETY: the guest does not run now; the translation leads into the guest frames.
+    let bytes = unsafe { frames_mut(t.hpa.0, 4) };
+    Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+}
+
+/// Pages the guest wrote since RUN, from the stage-2 dirty bits (NPT sets them on every guest
+/// write; the engine's own writes go to the frames directly and leave them clear).
+fn written_pages<F: hal::stage2::Format>(
+    table: &Stage2<'_, F>,
+    layout: Option<&agent::layout::Layout>,
+    w: &mut Written,
+) {
+    let Some(layout) = layout else {
+        return;
+    };
+    for r in layout.regions() {
+        let mut gpa = r.gpa;
+        while gpa < r.gpa + r.len {
+            if table.translate(Gpa(gpa)).is_some_and(|t| t.dirty) {
+                w.add(gpa);
+            }
+            gpa += 4096;
+        }
+    }
+}
+
+/// Pages the guest wrote.
+struct Written {
+    count: u64,
+    /// Guest-physical [start, end) ranges, the first 1024.
+    ranges: heapless::Vec<(u64, u64), 1024>,
+    truncated: bool,
+}
+
+impl Written {
+    const fn new() -> Self {
+        Self { count: 0, ranges: heapless::Vec::new(), truncated: false }
+    }
+
+    fn add(&mut self, gpa: u64) {
+        self.count += 1;
+        if let Some(last) = self.ranges.last_mut() {
+            if last.1 == gpa {
+                last.1 += 4096;
+                return;
+            }
+        }
+        self.truncated |= self.ranges.push((gpa, gpa + 4096)).is_err();
+    }
+}
+
+/// Everything the final report says.
+struct Report<'a> {
+    vendor: &'a str,
+    transport: &'a str,
+    stats: agent::postcopy::Stats,
+    blocks: &'a [(u64, u64)],
+    guest: &'a GuestState,
+    latency: &'a Latency,
+    clock: &'a StreamClock,
+    sink: Option<(u64, u64)>,
+    probe: Option<u32>,
+    written: &'a Written,
+}
+
+impl Report<'_> {
+    /// One `RESULT {json}` line.
+    fn write<R: ReturnPath>(
+        &self,
+        shared: &Shared<'_, R>,
+        exit_to_request: &mut Samples,
+        page_to_resume: &mut Samples,
+    ) {
+        let c = &shared.counters;
+        let load = |a: &agent::sync::AtomicU64| a.load(agent::sync::Ordering::Relaxed);
+        let (s, guest) = (&self.stats, self.guest);
+        let mut w = Console;
+        let _ = write!(
+            w,
+            "RESULT {{\"state\":\"{}\",\"vendor\":\"{}\",\"transport\":\"{}\",\"stage2_faults\":{},\"faults_served\":{},\"page_requests\":{},\
+             \"pages_received\":{},\"zero_pages\":{},\"discarded_pages\":{},\"duplicate_pages\":{},\"stream_bytes\":{},\
+             \"guest_exits\":{},\"guest_io_exits\":{},\"fault_exit_to_request_cycles_p50\":{},\"fault_exit_to_request_cycles_p99\":{},\
+             \"page_to_resume_cycles_p50\":{},\"page_to_resume_cycles_p99\":{},\"fault_samples\":{},\"tsc_cycles_per_us\":{},",
+            shared.state.get().name(),
+            self.vendor,
+            self.transport,
+            guest.stage2_faults,
+            guest.faults_served,
+            load(&c.requests),
+            s.pages + s.zero_pages,
+            s.zero_pages,
+            s.discarded_pages,
+            s.duplicate_pages,
+            s.bytes,
+            guest.exits,
+            guest.io_exits,
+            exit_to_request.percentile(50),
+            exit_to_request.percentile(99),
+            page_to_resume.percentile(50),
+            page_to_resume.percentile(99),
+            exit_to_request.count(),
+            latency::calibrate(),
+        );
+        let _ = self.latency.json(&mut w);
+        let rate = |bytes: u64, cycles: u64| bytes as f64 / (latency::ns(cycles).max(1) as f64 / 1e9) / 1e6;
+        if let (Some(a), Some(b)) = (self.clock.first_byte, self.clock.complete) {
             let _ = write!(
                 w,
-                "\"guest_result\":{{\"checksum\":{},\"mismatches\":{},\"written\":{}}},",
-                r.checksum, r.mismatches, r.written
+                ",\"stream_seconds\":{:.3},\"stream_mb_per_s\":{:.2}",
+                latency::ns(b - a) as f64 / 1e9,
+                rate(s.bytes, b - a)
             );
         }
-        None => {
-            let _ = write!(w, "\"guest_result\":null,");
+        if let (Some((t, bytes)), Some(b)) = (self.clock.run, self.clock.complete) {
+            let n = s.bytes - bytes;
+            let _ = write!(
+                w,
+                ",\"postcopy_stream_bytes\":{n},\"postcopy_seconds\":{:.3},\"postcopy_mb_per_s\":{:.2}",
+                latency::ns(b - t) as f64 / 1e9,
+                rate(n, b - t)
+            );
         }
-    }
-    match guest.stopped {
-        Some(why) => {
-            let _ = write!(w, "\"guest_stopped\":\"{why}\",");
+        match self.sink {
+            Some((bytes, cycles)) => {
+                let _ = write!(w, ",\"sink\":{{\"bytes\":{bytes},\"mb_per_s\":{:.2}}}", rate(bytes, cycles));
+            }
+            None => {
+                let _ = write!(w, ",\"sink\":null");
+            }
         }
-        None => {
-            let _ = write!(w, "\"guest_stopped\":null,");
+        let _ = write!(w, ",\"guest_kind\":\"{}\"", guest.kind.map_or("none", |k| k.name()));
+        match self.probe {
+            Some(v) => {
+                let _ = write!(w, ",\"probe_value\":{v}");
+            }
+            None => {
+                let _ = write!(w, ",\"probe_value\":null");
+            }
         }
+        let _ = write!(w, ",\"guest_written_pages\":{},\"guest_written_ranges\":[", self.written.count);
+        for (i, (a, b)) in self.written.ranges.iter().enumerate() {
+            let _ = write!(w, "{}[{a},{b}]", if i == 0 { "" } else { "," });
+        }
+        let _ = write!(w, "],\"guest_written_ranges_truncated\":{}", self.written.truncated);
+        match guest.result {
+            Some(r) => {
+                let _ = write!(
+                    w,
+                    ",\"guest_result\":{{\"checksum\":{},\"mismatches\":{},\"written\":{}}}",
+                    r.checksum, r.mismatches, r.written
+                );
+            }
+            None => {
+                let _ = write!(w, ",\"guest_result\":null");
+            }
+        }
+        match &guest.stopped {
+            Some(why) => {
+                let _ = write!(w, ",\"guest_stopped\":\"{why}\"");
+            }
+            None => {
+                let _ = write!(w, ",\"guest_stopped\":null");
+            }
+        }
+        let _ = write!(w, ",\"blocks\":[");
+        let layout = shared.layout();
+        for (i, &(hpa, len)) in self.blocks.iter().enumerate() {
+            let name =
+                layout.and_then(|l| l.blocks().get(i)).map(|b| core::str::from_utf8(&b.name).unwrap_or("?"));
+            let sep = if i == 0 { "" } else { "," };
+            let _ = write!(w, "{sep}{{\"name\":\"{}\",\"hpa\":{hpa},\"len\":{len}}}", name.unwrap_or("?"));
+        }
+        let _ = writeln!(w, "],\"error\":null}}");
     }
-    let _ = write!(w, "\"blocks\":[");
-    let layout = shared.layout();
-    for (i, &(hpa, len)) in blocks.iter().enumerate() {
-        let name =
-            layout.and_then(|l| l.blocks().get(i)).map(|b| core::str::from_utf8(&b.name).unwrap_or("?"));
-        let sep = if i == 0 { "" } else { "," };
-        let _ = write!(w, "{sep}{{\"name\":\"{}\",\"hpa\":{hpa},\"len\":{len}}}", name.unwrap_or("?"));
-    }
-    let _ = writeln!(w, "],\"error\":null}}");
-    end(at_end, if guest.result.is_some() { Code::Success } else { Code::Failure })
 }
 
 fn end(at_end: AtEnd, code: Code) -> ! {
@@ -324,10 +607,10 @@ fn end(at_end: AtEnd, code: Code) -> ! {
 }
 
 /// A refused stream: the agent has sent SHUT(1); report its one-line error and end.
-fn report_error(
+fn report_error<R: ReturnPath>(
     vendor: &str,
     e: &agent::Error,
-    shared: &Shared<'_, SerialReturnPath>,
+    shared: &Shared<'_, R>,
     bytes: u64,
     at_end: AtEnd,
 ) -> ! {

@@ -1,5 +1,6 @@
-//! The stream's transport: COM1. Received bytes go into the receive ring the agent decodes in
-//! place; the return path writes to the same UART.
+//! The stream's transports, behind [`StreamIn`]: virtio-vsock (`crate::vsock`) when the
+//! machine has the device, else COM1. For COM1, received bytes go into a receive ring the agent
+//! decodes in place; the return path writes to the same UART.
 //!
 //! COM1 is polled: by the main loop while no vCPU runs, and at every exit while one does (the
 //! local APIC timer guarantees an exit at least every period), so a busy guest cannot keep
@@ -13,6 +14,71 @@ use hal::serial::Uart;
 /// Bytes of the receive ring: more than any record header (the agent's bounce buffer is 512),
 /// and several pages, so a page's payload is usually handed out in one piece.
 pub const RING_BYTES: usize = 64 * 1024;
+
+/// What a poll of the transport found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Poll {
+    /// Stream bytes are waiting.
+    Data,
+    /// Nothing new.
+    Nothing,
+    /// The source closed the connection, and every byte was read.
+    Closed,
+}
+
+/// The receive side of the stream's transport, as the main loop drives it.
+pub trait StreamIn {
+    /// Takes what arrived.
+    fn poll(&mut self) -> Poll;
+    /// The bytes waiting, in order, in (at most) two pieces.
+    fn readable(&self) -> (&[u8], &[u8]);
+    /// Drops `n` bytes from the front.
+    fn consume(&mut self, n: usize);
+    /// The decoder made no progress with [`StreamIn::readable`] although more bytes wait
+    /// beyond the two pieces: joins them; false if nothing could be joined.
+    fn stuck(&mut self) -> bool;
+    /// The migration is over: end the connection from this side.
+    fn finish(&mut self);
+    /// The raw-rate sink's measurement: (bytes, TSC cycles), if the transport has one and it
+    /// ran.
+    fn sink(&self) -> Option<(u64, u64)> {
+        None
+    }
+}
+
+/// COM1 and its receive ring.
+pub struct Serial {
+    /// The receive ring.
+    pub ring: Ring,
+    /// The UART's receive side.
+    pub uart: Uart,
+}
+
+impl StreamIn for Serial {
+    fn poll(&mut self) -> Poll {
+        self.ring.fill_from(&mut self.uart);
+        if self.ring.len() > 0 {
+            Poll::Data
+        } else {
+            Poll::Nothing
+        }
+    }
+
+    fn readable(&self) -> (&[u8], &[u8]) {
+        self.ring.readable()
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.ring.consume(n);
+    }
+
+    fn stuck(&mut self) -> bool {
+        // One contiguous ring: a record is never in more than two pieces.
+        false
+    }
+
+    fn finish(&mut self) {}
+}
 
 /// A receive ring over a static buffer.
 pub struct Ring {

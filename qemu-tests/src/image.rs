@@ -23,10 +23,11 @@ use crate::process::{run, ChildGuard};
 use crate::qmp::Qmp;
 use crate::{bail, install, target_dir, workspace_root, Result};
 
-/// Machine RAM for the image: the image, its tables and 64 MiB of guest frames at 64 MiB.
-const MACHINE_MIB: u64 = 256;
-/// What the image logs once COM1 is set up and the stream may come.
-const READY: &str = "waiting for the migration stream on COM1";
+/// Machine RAM for the image: the image, its tables and 128 MiB of guest frames at 64 MiB.
+pub(crate) const MACHINE_MIB: u64 = 256;
+/// What the image logs once its transport is set up and the stream may come ("... on COM1"
+/// or "... on vsock").
+const READY: &str = "waiting for the migration stream on";
 
 /// Where the stream comes from.
 #[derive(Debug, Clone)]
@@ -87,6 +88,30 @@ impl Default for Migration {
     }
 }
 
+/// How QEMU runs the image: `-accel kvm -cpu host` when the host offers nested virtualization
+/// (`/dev/kvm` opens and the `kvm_amd` or `kvm_intel` module's `nested` parameter is on, so the
+/// image sees SVM or VMX), else TCG with `-cpu max` (AMD SVM with nested paging, emulated).
+/// A `/dev/kvm` without nesting is not enough: the image needs the virtualization extensions.
+pub fn accel() -> [&'static str; 4] {
+    let nested = ["/sys/module/kvm_amd/parameters/nested", "/sys/module/kvm_intel/parameters/nested"]
+        .iter()
+        .any(|p| std::fs::read_to_string(p).is_ok_and(|v| matches!(v.trim(), "1" | "Y" | "y")));
+    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    if nested && kvm {
+        ["-accel", "kvm", "-cpu", "host"]
+    } else {
+        ["-accel", "tcg", "-cpu", "max"]
+    }
+}
+
+/// [`accel`] in words.
+pub fn accel_description() -> String {
+    match accel() {
+        [_, "kvm", ..] => "KVM: this host offers nested virtualization".into(),
+        _ => "TCG: this host offers no nested virtualization to KVM guests".into(),
+    }
+}
+
 /// Builds the image (release, `x86_64-unknown-none`) into `<target>/image`; returns its ELF.
 pub fn build_image() -> Result<PathBuf> {
     static LOCK: Mutex<()> = Mutex::new(());
@@ -106,7 +131,7 @@ pub fn build_image() -> Result<PathBuf> {
 }
 
 /// What the harness needs of a machine running the image.
-trait Emulated {
+pub(crate) trait Emulated {
     /// Waits until the image has set COM1 up (its FIFO reset would drop earlier bytes).
     fn wait_ready(&mut self, deadline: Instant) -> Result<()>;
     /// The debug console so far.
@@ -139,8 +164,8 @@ trait Emulated {
 }
 
 /// The image running in QEMU.
-struct Machine {
-    child: ChildGuard,
+pub(crate) struct Machine {
+    pub(crate) child: ChildGuard,
     qmp: Qmp,
     com1: PathBuf,
     log: PathBuf,
@@ -151,17 +176,25 @@ struct Machine {
 
 impl Machine {
     fn start(image: &Path) -> Result<Self> {
+        Self::start_with(image, "hold", &["-m".into(), format!("{MACHINE_MIB}M")])
+    }
+
+    /// QEMU with the image, its command line `append`, and `extra` arguments (the memory and
+    /// its devices: `-m`, or a memfd backend and the vsock device).
+    pub(crate) fn start_with(image: &Path, append: &str, extra: &[String]) -> Result<Self> {
         let qemu = install::qemu()?;
         let dir = tempfile::Builder::new().prefix("image-").tempdir()?;
         let (com1, qmp, log) =
             (dir.path().join("com1.sock"), dir.path().join("qmp.sock"), dir.path().join("debugcon.log"));
         let defmt = dir.path().join("com2.defmt");
         let mut cmd = Command::new(qemu);
-        cmd.args(["-accel", "tcg", "-cpu", "max", "-m", &format!("{MACHINE_MIB}M"), "-display", "none"])
+        cmd.args(accel())
+            .args(["-display", "none"])
+            .args(extra)
             .args(["-monitor", "none", "-parallel", "none", "-nic", "none", "-no-user-config", "-no-reboot"])
             .arg("-kernel")
             .arg(image)
-            .args(["-append", "hold"])
+            .args(["-append", append])
             .arg("-chardev")
             .arg(format!("socket,id=com1,path={},server=on,wait=off", com1.display()))
             .args(["-serial", "chardev:com1"])

@@ -16,6 +16,7 @@ pub mod discard_study;
 pub mod guest;
 pub mod hosted;
 pub mod image;
+pub mod image_qemu;
 pub mod install;
 pub mod oracle;
 pub mod own_source;

@@ -66,6 +66,10 @@ impl Format for Ept {
         entry & (EptFlags::READ | EptFlags::WRITE | EptFlags::EXECUTE).bits() != 0
     }
 
+    fn is_dirty(entry: u64) -> bool {
+        entry & EptFlags::DIRTY.bits() != 0
+    }
+
     fn is_large(entry: u64) -> bool {
         entry & EptFlags::LARGE.bits() != 0
     }

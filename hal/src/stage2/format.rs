@@ -26,6 +26,11 @@ pub trait Format {
     /// meaningful in a PD entry: the same bit means something else in a PT entry.
     fn is_large(entry: u64) -> bool;
 
+    /// Whether the CPU has marked a present leaf dirty (a guest write through it). NPT
+    /// leaves have the bit always; EPT leaves only with accessed/dirty flags enabled in the
+    /// EPTP (the image does not enable them, so EPT reports none).
+    fn is_dirty(entry: u64) -> bool;
+
     /// Bits 51:12 of the entry. For a 2 MiB leaf the caller aligns down to 2 MiB, since bits
     /// 20:12 are reserved there (EPT) or hold the PAT bit (NPT).
     fn frame_of(entry: u64) -> u64 {

@@ -164,4 +164,6 @@ pub struct Translation {
     pub perms: Perms,
     /// The leaf's size.
     pub size: PageSize,
+    /// The CPU marked the leaf dirty ([`Format::is_dirty`]).
+    pub dirty: bool,
 }

@@ -60,6 +60,10 @@ impl Format for Npt {
         entry & NptFlags::PRESENT.bits() != 0
     }
 
+    fn is_dirty(entry: u64) -> bool {
+        entry & NptFlags::DIRTY.bits() != 0
+    }
+
     fn is_large(entry: u64) -> bool {
         entry & NptFlags::LARGE.bits() != 0
     }

@@ -87,6 +87,7 @@ impl<F: Format> Walker<'_, F> {
                 hpa: Hpa(frame + gpa.0 % size.bytes()),
                 perms: F::perms_of(entry),
                 size,
+                dirty: F::is_dirty(entry),
             });
         }
         None

@@ -115,6 +115,22 @@ pub struct SegmentState {
     pub base: u64,
 }
 
+/// Index of each segment in [`ArchState::segs`].
+pub mod seg {
+    /// ES.
+    pub const ES: usize = 0;
+    /// CS.
+    pub const CS: usize = 1;
+    /// SS.
+    pub const SS: usize = 2;
+    /// DS.
+    pub const DS: usize = 3;
+    /// FS.
+    pub const FS: usize = 4;
+    /// GS.
+    pub const GS: usize = 5;
+}
+
 /// The architectural state a vCPU resumes from (what the migrated vCPU record holds).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ArchState {
@@ -134,10 +150,15 @@ pub struct ArchState {
     pub cr4: u64,
     /// EFER.
     pub efer: u64,
-    /// CS.
-    pub cs: SegmentState,
-    /// DS, ES, SS, FS, GS.
-    pub data: SegmentState,
+    /// CR2.
+    pub cr2: u64,
+    /// ES, CS, SS, DS, FS, GS (in that order, the order of their encodings in both vendors'
+    /// manuals and in QEMU's `segs[]`).
+    pub segs: [SegmentState; 6],
+    /// LDTR.
+    pub ldtr: SegmentState,
+    /// TR; `None` gives the guest a busy 64-bit TSS at 0 (a guest that never loaded TR).
+    pub tr: Option<SegmentState>,
     /// GDTR base and limit.
     pub gdtr: (u64, u32),
     /// IDTR base and limit.

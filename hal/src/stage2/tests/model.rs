@@ -177,7 +177,7 @@ impl Model {
         } else {
             PageSize::Size4K
         };
-        Some(Translation { hpa: Hpa(frame + gpa % PAGE_4K), perms, size })
+        Some(Translation { hpa: Hpa(frame + gpa % PAGE_4K), perms, size, dirty: false })
     }
 }
 

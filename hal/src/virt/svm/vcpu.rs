@@ -262,15 +262,23 @@ impl Vcpu for SvmVcpu {
         v.cr4 = st.cr4;
         // SVM requires EFER.SVME in the guest's EFER.
         v.efer = st.efer | EFER_SVME_BIT;
-        v.cs = segment(&st.cs);
-        let data = segment(&st.data);
-        for s in [&mut v.ds, &mut v.es, &mut v.ss, &mut v.fs, &mut v.gs] {
-            *s = data;
-        }
+        v.cr2 = st.cr2;
+        use crate::virt::seg;
+        v.es = segment(&st.segs[seg::ES]);
+        v.cs = segment(&st.segs[seg::CS]);
+        v.ss = segment(&st.segs[seg::SS]);
+        v.ds = segment(&st.segs[seg::DS]);
+        v.fs = segment(&st.segs[seg::FS]);
+        v.gs = segment(&st.segs[seg::GS]);
+        v.ldtr = segment(&st.ldtr);
         v.gdtr = Segment { selector: 0, attrib: 0, limit: st.gdtr.1, base: st.gdtr.0 };
         v.idtr = Segment { selector: 0, attrib: 0, limit: st.idtr.1, base: st.idtr.0 };
-        v.tr = Segment { selector: 0, attrib: TSS64, limit: 0x67, base: 0 };
-        v.cpl = 0;
+        v.tr = match &st.tr {
+            Some(tr) => segment(tr),
+            None => Segment { selector: 0, attrib: TSS64, limit: 0x67, base: 0 },
+        };
+        // The CPL is SS's DPL (attributes bits 5-6), or 0 in real mode.
+        v.cpl = if st.cr0 & 1 == 0 { 0 } else { ((st.segs[seg::SS].attrib >> 5) & 3) as u8 };
     }
 
     fn run(&mut self, pending: &mut NextVmrunFlush) -> ExitReason {

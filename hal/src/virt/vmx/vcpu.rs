@@ -428,17 +428,16 @@ impl Vcpu for VmxVcpu {
         self.write(f::GUEST_RSP, st.rsp);
         self.write(f::GUEST_RIP, st.rip);
         self.write(f::GUEST_RFLAGS, st.rflags | 2);
-        self.segment(f::GUEST_CS_SELECTOR, &st.cs);
-        for sel in [
-            f::GUEST_DS_SELECTOR,
-            f::GUEST_ES_SELECTOR,
-            f::GUEST_SS_SELECTOR,
-            f::GUEST_FS_SELECTOR,
-            f::GUEST_GS_SELECTOR,
-        ] {
-            self.segment(sel, &st.data);
-        }
-        self.segment(f::GUEST_TR_SELECTOR, &SegmentState { selector: 0, attrib: 0x8b, limit: 0x67, base: 0 });
+        use crate::virt::seg;
+        self.segment(f::GUEST_ES_SELECTOR, &st.segs[seg::ES]);
+        self.segment(f::GUEST_CS_SELECTOR, &st.segs[seg::CS]);
+        self.segment(f::GUEST_SS_SELECTOR, &st.segs[seg::SS]);
+        self.segment(f::GUEST_DS_SELECTOR, &st.segs[seg::DS]);
+        self.segment(f::GUEST_FS_SELECTOR, &st.segs[seg::FS]);
+        self.segment(f::GUEST_GS_SELECTOR, &st.segs[seg::GS]);
+        self.segment(f::GUEST_LDTR_SELECTOR, &st.ldtr);
+        let tr = st.tr.unwrap_or(SegmentState { selector: 0, attrib: 0x8b, limit: 0x67, base: 0 });
+        self.segment(f::GUEST_TR_SELECTOR, &tr);
         self.write(f::GUEST_GDTR_BASE, st.gdtr.0);
         self.write(f::GUEST_GDTR_LIMIT, st.gdtr.1.into());
         self.write(f::GUEST_IDTR_BASE, st.idtr.0);

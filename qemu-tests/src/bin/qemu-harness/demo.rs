@@ -1,7 +1,10 @@
-//! `demo`: a postcopy migration of a pc source running the dirty guest into
+//! `demo`: by default, the main path: a real QEMU 7.2 VM migrated postcopy over virtio-vsock
+//! into the hypervisor image, where it goes on running ([`crate::demo_image`]).
+//!
+//! `demo --hosted`: a postcopy migration of a pc source running the dirty guest into
 //! `postcopy-dest`, with progress once per second and a RAM check at the end.
 //!
-//! Flags: `--machine pc|q35`, `--mem 64M`, `--guest "rate=2048 fill"`, `--precopy`,
+//! Flags of `--hosted`: `--machine pc|q35`, `--mem 64M`, `--guest "rate=2048 fill"`, `--precopy`,
 //! `--tcp`, `--touch random|seq`, `--record FILE`, `--max-bandwidth B/s`,
 //! `--max-postcopy-bandwidth B/s` (0 = unlimited), `--precopy-for MS`, `--dest PATH`.
 
@@ -15,6 +18,11 @@ use qemu_tests::{bail, Result};
 use crate::{parse_mib, Flags};
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
+    if !args.iter().any(|a| a == "--hosted") {
+        return crate::demo_image::run(args);
+    }
+    let args: Vec<String> = args.iter().filter(|a| *a != "--hosted").cloned().collect();
+    let args = &args[..];
     let flags = Flags::new(
         args,
         &[

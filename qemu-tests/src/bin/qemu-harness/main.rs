@@ -22,6 +22,7 @@ use qemu_tests::source::{Machine, SourceVm};
 use qemu_tests::{bail, Result};
 
 mod demo;
+mod demo_image;
 mod migrate;
 mod soak;
 

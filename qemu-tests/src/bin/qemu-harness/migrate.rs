@@ -4,7 +4,20 @@
 //! migrate [--emulator qemu|bochs [--cpu corei7_skylake_x|ryzen]] [--source own|file:PATH]
 //!         [--transport serial] [--mem-mib N] [--dump-dir DIR] [--log FILE] [--timeout-s N]
 //!         [--background-pause-ms N (5)]
+//! migrate --source qemu --transport vsock [--source-args "QEMU ARGS"] [--mem-mib N (32)]
+//!         [--guest ARGS (rate=1024)] [--sink-mib N (32)] [--after-end-ms N (1000)]
+//!         [--precopy-ms N (1500)] [--dump-dir DIR] [--log FILE] [--timeout-s N]
+//! migrate --source file:PATH --transport vsock     (a recorded or hostile stream over vsock)
 //! ```
+//!
+//! With `--source qemu`, a real QEMU 7.2 VM (TCG, pc; the dirty guest unless `--source-args`
+//! replaces the guest part of its command line) migrates postcopy through the vsock bridge
+//! into the image and goes on running there; the JSON line adds `guest_kind`,
+//! `guest_progress`/`guest_running` (the dirty guest's heartbeat, at the source's stop and
+//! in the image at the end), `guest_written_pages`, the fault latency (`postcopy_latency_ns`,
+//! `postcopy_vcpu_blocktime_ns`, `postcopy_latency_dist_ns`: power-of-two ns buckets),
+//! `stream_mb_per_s` and `sink` (the device's raw rate in the same run). Exit 0 when the
+//! migration completed and `ram_equal`.
 //!
 //! The last stdout line is a JSON object: `state`, `vendor`, `emulator`, `transport`,
 //! `stage2_faults`, `faults_served`, `page_requests`, `pages_received`, `discarded_pages`,
@@ -35,19 +48,28 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             "--log",
             "--timeout-s",
             "--background-pause-ms",
+            "--source-args",
+            "--guest",
+            "--sink-mib",
+            "--after-end-ms",
+            "--precopy-ms",
         ],
         &[],
     )?;
+    let vsock = match flags.get("--transport").unwrap_or("serial") {
+        "serial" => false,
+        "vsock" => true,
+        other => bail!("--transport {other}: serial or vsock"),
+    };
+    if vsock || flags.get("--source") == Some("qemu") {
+        return run_vsock(&flags);
+    }
     let emulator = match (flags.get("--emulator").unwrap_or("qemu"), flags.get("--cpu")) {
         ("qemu", None) => Emulator::Qemu,
         ("bochs", cpu) => Emulator::Bochs(cpu.unwrap_or(qemu_tests::bochs::INTEL_VMX).to_string()),
         ("qemu", Some(_)) => bail!("--cpu is for Bochs (QEMU runs -cpu max)"),
         (other, _) => bail!("--emulator {other}: qemu or bochs"),
     };
-    match flags.get("--transport").unwrap_or("serial") {
-        "serial" => {}
-        other => bail!("--transport {other}: only serial (virtio-vsock is not built yet)"),
-    }
     let source = match flags.get("--source").unwrap_or("own") {
         "own" => SourceKind::Own,
         s => match s.strip_prefix("file:") {
@@ -70,20 +92,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         background_pause: Duration::from_millis(num("--background-pause-ms", 5)?),
     };
     let (line, log) = migrate(&m)?;
-    let log_path = match flags.get("--log") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let dir = qemu_tests::target_dir().join("migrate-logs");
-            std::fs::create_dir_all(&dir)?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            dir.join(format!("{now}.log"))
-        }
-    };
-    std::fs::write(&log_path, &log)?;
-    eprintln!("image log: {}", log_path.display());
+    write_log(&flags, &log)?;
     println!("{line}");
     let ok = line["state"] == "END" && line["guest_ok"] == true && line["ram_equal"] == true;
     if ok {
@@ -96,4 +105,67 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             line["ram_equal"]
         )
     }
+}
+
+/// `--transport vsock`: a QEMU source (or a stream file) over virtio-vsock.
+fn run_vsock(flags: &Flags) -> Result<()> {
+    use qemu_tests::image_qemu::{migrate, split_args, QemuMigration};
+    if flags.get("--emulator").is_some_and(|e| e != "qemu") {
+        bail!("--transport vsock runs under QEMU (Bochs has no virtio)");
+    }
+    if flags.get("--transport") != Some("vsock") {
+        bail!("--source qemu needs --transport vsock");
+    }
+    let num = |flag: &str, default: u64| -> Result<u64> {
+        match flags.get(flag) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| qemu_tests::Error(format!("bad {flag} {v:?}"))),
+        }
+    };
+    let defaults = QemuMigration::default();
+    let stream_file = match flags.get("--source").unwrap_or("qemu") {
+        "qemu" => None,
+        s => match s.strip_prefix("file:") {
+            Some(path) => Some(PathBuf::from(path)),
+            None => bail!("--source {s}: qemu or file:PATH with --transport vsock"),
+        },
+    };
+    let m = QemuMigration {
+        mem_mib: num("--mem-mib", defaults.mem_mib)?,
+        source_args: flags.get("--source-args").map(split_args).transpose()?,
+        guest_append: flags.get("--guest").map_or(defaults.guest_append.clone(), str::to_string),
+        sink_bytes: num("--sink-mib", defaults.sink_bytes >> 20)? << 20,
+        after_end_ms: num("--after-end-ms", defaults.after_end_ms)?,
+        precopy_for: Duration::from_millis(num("--precopy-ms", defaults.precopy_for.as_millis() as u64)?),
+        dump_dir: flags.get("--dump-dir").map(PathBuf::from),
+        timeout: Duration::from_secs(num("--timeout-s", defaults.timeout.as_secs())?),
+        stream_file,
+        ..defaults
+    };
+    let (line, log) = migrate(&m, &mut |_| {})?;
+    write_log(flags, &log)?;
+    println!("{line}");
+    if line["state"] == "END" && (m.stream_file.is_some() || line["ram_equal"] == true) {
+        Ok(())
+    } else {
+        bail!("the migration did not pass: state {}, ram_equal {}", line["state"], line["ram_equal"])
+    }
+}
+
+fn write_log(flags: &Flags, log: &str) -> Result<()> {
+    let log_path = match flags.get("--log") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let dir = qemu_tests::target_dir().join("migrate-logs");
+            std::fs::create_dir_all(&dir)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            dir.join(format!("{now}.log"))
+        }
+    };
+    std::fs::write(&log_path, log)?;
+    eprintln!("image log: {}", log_path.display());
+    Ok(())
 }

@@ -1,0 +1,431 @@
+//! A real QEMU 7.2 VM migrated postcopy over virtio-vsock into the hypervisor image, where it
+//! goes on running: `cargo xtask migrate --source qemu --transport vsock` and `cargo xtask
+//! demo`.
+//!
+//! The pieces: the `vhost-device-vsock` daemon ([`crate::vsock`]); QEMU running the image with
+//! `vhost-user-vsock-pci` (its memory a shared memfd, so that the daemon reaches the image's
+//! queues); the source QEMU (TCG, pc) running the dirty guest, or `--source-args`; a recording
+//! bridge ([`Relay`] to [`Endpoint::Vsock`]) from the source's unix-socket migration to the
+//! image's port 1234. First, in the same run, the image's raw-rate sink (port 1235) measures
+//! what the device carries when nothing else is done with the bytes.
+//!
+//! Verdicts: the source reaches `completed`; the guest's progress counter (the dirty guest's
+//! heartbeat) moved on the destination past its value when the source stopped; and
+//! `ram_equal`: every page of every block the image holds equals what QEMU 7.2's own
+//! destination loads from the same recorded stream ([`qemu_load_blocks`]), except the pages
+//! the guest wrote since RUN (the stage-2 dirty bits the image reports), which are counted.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::guest::{build_dirty_guest, STATUS_ADDR};
+use crate::image::{build_image, Emulated, Machine, MACHINE_MIB};
+use crate::oracle::qemu_load_blocks;
+use crate::relay::{Endpoint, Relay};
+use crate::source::{SourceVm, SourceVmBuilder};
+use crate::vsock::{self, Daemon, MIGRATION_PORT, SINK_PORT};
+use crate::{bail, Result};
+
+/// What to migrate and how.
+#[derive(Debug, Clone)]
+pub struct QemuMigration {
+    /// Source RAM, MiB.
+    pub mem_mib: u64,
+    /// Replaces the source's guest (`-kernel dirty-guest -append ...`): raw QEMU arguments.
+    pub source_args: Option<Vec<String>>,
+    /// The dirty guest's command line (when `source_args` is `None`).
+    pub guest_append: String,
+    /// `max-bandwidth` for the precopy phase, bytes/s.
+    pub max_bandwidth: u64,
+    /// Time in precopy before `migrate-start-postcopy`.
+    pub precopy_for: Duration,
+    /// `max-postcopy-bandwidth`, bytes/s (0: unlimited).
+    pub max_postcopy_bandwidth: u64,
+    /// Bytes for the raw-rate sink (0: skip it).
+    pub sink_bytes: u64,
+    /// How long the guest runs in the image after the migration.
+    pub after_end_ms: u64,
+    /// Where to write the image's blocks.
+    pub dump_dir: Option<PathBuf>,
+    /// Overall limit.
+    pub timeout: Duration,
+    /// Send this file to the image instead of migrating (a hostile stream).
+    pub stream_file: Option<PathBuf>,
+}
+
+impl Default for QemuMigration {
+    fn default() -> Self {
+        QemuMigration {
+            mem_mib: 32,
+            source_args: None,
+            guest_append: "rate=1024 fill".into(),
+            max_bandwidth: 16 << 20,
+            precopy_for: Duration::from_millis(500),
+            max_postcopy_bandwidth: 0,
+            sink_bytes: 32 << 20,
+            after_end_ms: 500,
+            dump_dir: None,
+            timeout: Duration::from_secs(240),
+            stream_file: None,
+        }
+    }
+}
+
+/// What the harness saw while the migration ran, for a live display.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// Phase, in words.
+    pub phase: String,
+    /// The source's migration status.
+    pub source_status: String,
+    /// The image's latest `PROGRESS` line.
+    pub image: Value,
+}
+
+/// Splits `--source-args` like a shell would for plain words and quoted strings.
+pub fn split_args(s: &str) -> Result<Vec<String>> {
+    let (mut out, mut cur, mut quote, mut any) = (Vec::new(), String::new(), None, false);
+    for c in s.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => cur.push(c),
+            (None, '"' | '\'') => {
+                quote = Some(c);
+                any = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if any || !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+                any = false;
+            }
+            (None, c) => cur.push(c),
+        }
+    }
+    if quote.is_some() {
+        bail!("--source-args: unclosed quote in {s:?}");
+    }
+    if any || !cur.is_empty() {
+        out.push(cur);
+    }
+    Ok(out)
+}
+
+/// The image's latest `PROGRESS` line in its console log.
+fn latest_progress(console: &str) -> Value {
+    console
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("PROGRESS "))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// Runs the migration; returns the JSON line and the image's log. `progress` is called about
+/// five times a second.
+pub fn migrate(m: &QemuMigration, progress: &mut dyn FnMut(&Progress)) -> Result<(Value, String)> {
+    let started = Instant::now();
+    let deadline = started + m.timeout;
+    let mut shown = Progress { phase: "building the image and the guest".into(), ..Progress::default() };
+    progress(&shown);
+    let image = build_image()?;
+    let builder = source_builder(m)?;
+    shown.phase = "starting the vsock daemon and the hypervisor".into();
+    progress(&shown);
+    let work = tempfile::Builder::new().prefix("qemu-vsock-").tempdir()?;
+    let daemon = Daemon::start(work.path())?;
+    let append = match m.source_args {
+        // The dirty guest's heartbeat is the progress counter the image reports.
+        None => format!("hold probe={:#x} after-end-ms={}", STATUS_ADDR + 4, m.after_end_ms),
+        Some(_) => format!("hold after-end-ms={}", m.after_end_ms),
+    };
+    let mut extra = daemon.qemu_args(MACHINE_MIB);
+    extra.extend(["-m".into(), format!("{MACHINE_MIB}M")]);
+    let mut machine = Machine::start_with(&image, &append, &extra)?;
+    machine.wait_ready(deadline)?;
+    if !machine.console().contains("on vsock") {
+        bail!("the image did not find the virtio-vsock device; its log:\n{}", machine.quit());
+    }
+    let sink = if m.sink_bytes > 0 {
+        shown.phase = format!("raw vsock rate: {} MiB into the image's sink", m.sink_bytes >> 20);
+        progress(&shown);
+        Some(vsock::sink_rate(daemon.uds(), SINK_PORT, m.sink_bytes, deadline)?)
+    } else {
+        None
+    };
+    let relay_sock = work.path().join("bridge.sock");
+    let stream = work.path().join("stream.bin");
+    let relay = Relay::start(
+        &relay_sock,
+        Endpoint::Vsock { uds: daemon.uds().to_path_buf(), port: MIGRATION_PORT },
+        stream.clone(),
+        work.path().join("return-path.bin"),
+        deadline,
+    )?;
+    let outcome = match &m.stream_file {
+        Some(file) => send_file(file, &relay_sock, &mut machine, deadline, &mut shown, progress),
+        None => run_source(m, &builder, &relay_sock, &mut machine, deadline, &mut shown, progress),
+    };
+    let (source_info, heartbeat_at_stop) = match outcome {
+        Ok(v) => v,
+        Err(e) => {
+            let log = machine.quit();
+            return Ok((error_line(&e.0, started), log));
+        }
+    };
+    shown.phase = "the guest runs on in the image".into();
+    progress(&shown);
+    let result = match machine.wait_result(deadline) {
+        Ok(r) => r,
+        Err(e) => {
+            let log = machine.quit();
+            return Ok((error_line(&e.0, started), log));
+        }
+    };
+    let (stream_bytes, rp_bytes) = relay.finish(Duration::from_secs(20)).unwrap_or((0, 0));
+    let mut line = summary(&result, started, sink.as_ref());
+    line["source"] = source_info;
+    line["bridge"] = json!({ "stream_bytes": stream_bytes, "return_path_bytes": rp_bytes });
+    if result["state"] != "error" && m.stream_file.is_none() {
+        shown.phase = "checking RAM against QEMU's own load of the stream".into();
+        progress(&shown);
+        let check = check_ram(&mut machine, &result, &builder, &stream, m)?;
+        line["ram_equal"] = json!(check.equal);
+        line["ram_check"] = json!(check.note);
+        line["guest_written_pages"] = result["guest_written_pages"].clone();
+        if let (Some(at_stop), Some(now)) = (heartbeat_at_stop, result["probe_value"].as_u64()) {
+            line["guest_progress"] = json!({
+                "heartbeat_at_source_stop": at_stop,
+                "heartbeat_at_destination_end": now,
+                "advanced": now.wrapping_sub(at_stop) as u32 as u64,
+            });
+            line["guest_running"] =
+                json!(now as u32 != at_stop as u32 && (now as u32).wrapping_sub(at_stop as u32) < 1 << 31);
+        }
+    }
+    let log = machine.quit();
+    drop(daemon);
+    Ok((line, log))
+}
+
+fn source_builder(m: &QemuMigration) -> Result<SourceVmBuilder> {
+    let builder = SourceVm::builder(crate::source::Machine::Pc).mem_mib(m.mem_mib);
+    Ok(match &m.source_args {
+        None => builder.kernel(&build_dirty_guest()?, &m.guest_append),
+        Some(args) => args.iter().fold(builder, |b, a| b.arg(a)),
+    })
+}
+
+/// The source migrates through the bridge: precopy at `max_bandwidth`, then postcopy; returns
+/// its final `query-migrate` and the dirty guest's heartbeat when it stopped.
+fn run_source(
+    m: &QemuMigration,
+    builder: &SourceVmBuilder,
+    bridge: &std::path::Path,
+    machine: &mut Machine,
+    deadline: Instant,
+    shown: &mut Progress,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(Value, Option<u64>)> {
+    shown.phase = "starting the source VM".into();
+    progress(shown);
+    let mut vm = builder.clone().spawn()?;
+    if m.source_args.is_none() {
+        vm.wait_guest_dirtying(Duration::from_secs(30))?;
+    }
+    vm.set_capabilities(&[("postcopy-ram", true)])?;
+    vm.set_max_bandwidth(m.max_bandwidth)?;
+    vm.set_max_postcopy_bandwidth(m.max_postcopy_bandwidth)?;
+    let start = Instant::now();
+    vm.migrate(&format!("unix:{}", bridge.display()))?;
+    let mut postcopy = false;
+    let mut saw_postcopy_active = false;
+    let info = loop {
+        let info = vm.query_migrate()?;
+        saw_postcopy_active |= info.status == "postcopy-active";
+        shown.phase =
+            if postcopy { "postcopy: the guest runs in the image".into() } else { "precopy".into() };
+        shown.source_status = info.status.clone();
+        shown.image = latest_progress(&machine.console());
+        progress(shown);
+        match info.status.as_str() {
+            "completed" => break info,
+            "failed" | "cancelled" => {
+                bail!(
+                    "source migration {}: {}",
+                    info.status,
+                    info.error.as_deref().unwrap_or("(no error-desc)")
+                )
+            }
+            _ => {}
+        }
+        if !postcopy && start.elapsed() >= m.precopy_for {
+            vm.start_postcopy()?;
+            postcopy = true;
+        }
+        if machine.ended()? {
+            bail!("the image ended while the source was `{}`", info.status);
+        }
+        if Instant::now() > deadline {
+            bail!("the migration did not complete in time: source `{}`", info.status);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let heartbeat = match m.source_args {
+        None => Some(u64::from(vm.guest_status()?.heartbeat)),
+        Some(_) => None,
+    };
+    let _ = vm.quit();
+    Ok((
+        json!({
+            "status": info.status, "saw_postcopy_active": saw_postcopy_active,
+            "transferred": info.transferred, "postcopy_requests": info.postcopy_requests,
+            "seconds": start.elapsed().as_secs_f64(),
+        }),
+        heartbeat,
+    ))
+}
+
+/// Sends a recorded (or hostile) stream through the bridge, reading and keeping what comes
+/// back.
+fn send_file(
+    file: &std::path::Path,
+    bridge: &std::path::Path,
+    machine: &mut Machine,
+    deadline: Instant,
+    shown: &mut Progress,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(Value, Option<u64>)> {
+    use std::io::{Read, Write};
+    let bytes = std::fs::read(file)?;
+    let mut conn = std::os::unix::net::UnixStream::connect(bridge)?;
+    let mut reader = conn.try_clone()?;
+    let rp = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = reader.read_to_end(&mut out);
+        out
+    });
+    shown.phase = format!("sending {} ({} bytes)", file.display(), bytes.len());
+    progress(shown);
+    let sent = conn.write_all(&bytes);
+    // The image answers (or refuses) and then closes the connection; wait for its report.
+    let _ = machine.wait_result(deadline);
+    let _ = conn.shutdown(std::net::Shutdown::Both);
+    let rp = rp.join().unwrap_or_default();
+    let shut = rp.windows(8).rev().find(|w| w[..4] == [0, 1, 0, 4]).map(|w| w[7]);
+    Ok((
+        json!({ "bytes_sent": bytes.len(), "send_error": sent.err().map(|e| e.to_string()), "return_path_bytes": rp.len(), "shut": shut }),
+        None,
+    ))
+}
+
+fn error_line(error: &str, started: Instant) -> Value {
+    json!({
+        "state": "error", "vendor": "svm", "emulator": "qemu", "transport": "vsock",
+        "ram_equal": false, "seconds": started.elapsed().as_secs_f64(), "error": error,
+    })
+}
+
+/// The JSON line's fields from the image's report.
+fn summary(r: &Value, started: Instant, sink: Option<&vsock::SinkRate>) -> Value {
+    let mut line = json!({
+        "state": r["state"], "vendor": r["vendor"], "emulator": "qemu", "transport": "vsock",
+        "guest_kind": r["guest_kind"], "guest_stopped": r["guest_stopped"],
+        "stage2_faults": r["stage2_faults"], "faults_served": r["faults_served"],
+        "page_requests": r["page_requests"], "pages_received": r["pages_received"],
+        "discarded_pages": r["discarded_pages"], "stream_bytes": r["stream_bytes"], "ram_equal": false,
+        "fault_exit_to_request_cycles_p50": r["fault_exit_to_request_cycles_p50"],
+        "fault_exit_to_request_cycles_p99": r["fault_exit_to_request_cycles_p99"],
+        "page_to_resume_cycles_p50": r["page_to_resume_cycles_p50"],
+        "page_to_resume_cycles_p99": r["page_to_resume_cycles_p99"],
+        "postcopy_faults": r["postcopy_faults"],
+        "postcopy_latency_ns": r["postcopy_latency_ns"],
+        "postcopy_vcpu_blocktime_ns": r["postcopy_vcpu_blocktime_ns"],
+        "postcopy_vcpu_latency_ns": r["postcopy_vcpu_latency_ns"],
+        "postcopy_latency_dist_ns": r["postcopy_latency_dist_ns"],
+        "stream_mb_per_s": r["stream_mb_per_s"],
+        "postcopy_stream_bytes": r["postcopy_stream_bytes"],
+        "postcopy_mb_per_s": r["postcopy_mb_per_s"],
+        "sink_mb_per_s_image": r["sink"]["mb_per_s"],
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    if let Some(s) = sink {
+        line["sink"] = json!({ "bytes": s.bytes, "seconds": s.seconds, "mb_per_s": s.mb_per_s });
+    }
+    if r["state"] == "error" {
+        line["error"] = r["error"].clone();
+    }
+    line
+}
+
+/// The RAM verdict.
+struct RamCheck {
+    equal: bool,
+    note: String,
+}
+
+/// Every block the image holds against QEMU's own load of the recorded stream, the pages the
+/// guest wrote since RUN (guest-physical ranges in the report; the main block's offsets are
+/// its guest-physical addresses below the PCI hole) left out.
+fn check_ram(
+    machine: &mut Machine,
+    r: &Value,
+    builder: &SourceVmBuilder,
+    stream: &std::path::Path,
+    m: &QemuMigration,
+) -> Result<RamCheck> {
+    if r["guest_written_ranges_truncated"] == true {
+        return Ok(RamCheck {
+            equal: false,
+            note: "the guest wrote more ranges than the image lists".into(),
+        });
+    }
+    let written: Vec<(u64, u64)> = r["guest_written_ranges"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| Some((p[0].as_u64()?, p[1].as_u64()?))).collect())
+        .unwrap_or_default();
+    let reference = qemu_load_blocks(builder, stream, Duration::from_secs(120))?;
+    let blocks = r["blocks"].as_array().cloned().unwrap_or_default();
+    let (mut compared, mut skipped, mut differ) = (0u64, 0u64, Vec::new());
+    for b in &blocks {
+        let (Some(name), Some(hpa), Some(len)) = (b["name"].as_str(), b["hpa"].as_u64(), b["len"].as_u64())
+        else {
+            bail!("malformed block in the image's report: {b}");
+        };
+        let got = machine.read_phys(hpa, len)?;
+        if let Some(dir) = &m.dump_dir {
+            std::fs::create_dir_all(dir)?;
+            std::fs::write(dir.join(crate::scenario::dump_file_name(name)), &got)?;
+        }
+        let Some(want) = reference.get(name) else {
+            differ.push(format!("{name}: not in QEMU's load"));
+            continue;
+        };
+        for (page, (g, w)) in got.chunks(4096).zip(want.chunks(4096)).enumerate() {
+            let offset = page as u64 * 4096;
+            if name == "pc.ram" && written.iter().any(|&(a, b)| (a..b).contains(&offset)) {
+                skipped += 1;
+                continue;
+            }
+            compared += 1;
+            if g != w {
+                differ.push(format!("{name}+{offset:#x}"));
+            }
+        }
+        if got.len() != want.len() {
+            differ.push(format!("{name}: {} bytes here, {} in QEMU's load", got.len(), want.len()));
+        }
+    }
+    let equal = differ.is_empty() && !blocks.is_empty();
+    let note = if equal {
+        format!(
+            "{compared} pages of {} blocks equal QEMU 7.2's own load of the stream; {skipped} pages the guest wrote since RUN not compared",
+            blocks.len()
+        )
+    } else {
+        format!("{} pages differ, first {:?}", differ.len(), &differ[..differ.len().min(8)])
+    };
+    Ok(RamCheck { equal, note })
+}
