@@ -64,6 +64,10 @@ pub enum Field {
     EndOfStream,
     /// A return-path message.
     ReturnPath,
+    /// A field of a QEMU device's VMState body that the image decodes
+    /// ([`qemu_state`](crate::qemu_state)); its Debug form names the device and the field
+    /// (`cpu.env.cr[0]`, `cpu/msr_smi_count (header)`).
+    VmState(crate::qemu_state::VmFieldRef),
 }
 
 /// What is wrong with the field.
@@ -150,6 +154,62 @@ pub enum Defect {
         /// Byte offset in the block of the first missing page.
         first: u64,
     },
+    /// A VMState subsection this destination does not know, named (its first bytes).
+    UnknownSubsection(Name),
+}
+
+/// A name from the stream kept inside an error (errors are `Copy` and heap-free): its first
+/// [`Name::CAPACITY`] bytes and its length. QEMU 7.2's longest x86 CPU subsection name,
+/// `cpu/msr_hyperv_reenlightenment`, has 30 bytes; a `Defect` stays 32 bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Name {
+    len: u8,
+    bytes: [u8; Name::CAPACITY],
+}
+
+impl Name {
+    /// Bytes kept.
+    pub const CAPACITY: usize = 28;
+
+    /// Keeps the first bytes of `name` (at most 255 are counted).
+    pub fn new(name: &[u8]) -> Self {
+        let mut bytes = [0; Self::CAPACITY];
+        let kept = name.len().min(Self::CAPACITY);
+        bytes[..kept].copy_from_slice(&name[..kept]);
+        Self { len: u8::try_from(name.len()).unwrap_or(u8::MAX), bytes }
+    }
+
+    /// The kept bytes (all of the name unless [`Name::is_cut`]).
+    pub fn kept(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len).min(Self::CAPACITY)]
+    }
+
+    /// Whether the name was longer than what is kept.
+    pub fn is_cut(&self) -> bool {
+        usize::from(self.len) > Self::CAPACITY
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for &b in self.kept() {
+            if b.is_ascii_graphic() || b == b' ' {
+                write!(f, "{}", char::from(b))?;
+            } else {
+                write!(f, "\\x{b:02x}")?;
+            }
+        }
+        if self.is_cut() {
+            write!(f, "... ({} bytes)", self.len)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
 }
 
 /// A protocol error: where in the stream, which field, what is wrong.
@@ -202,6 +262,7 @@ impl fmt::Display for Error {
             Defect::PagesMissing { block, missing, first } => {
                 write!(f, "{missing} pages of block #{block} never arrived (the first at offset {first:#x})")
             }
+            Defect::UnknownSubsection(name) => write!(f, "unknown subsection {name}"),
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod error;
 pub mod layout;
 pub mod ports;
 pub mod postcopy;
+pub mod qemu_state;
 pub mod sync;
 #[cfg(any(test, feature = "std"))]
 pub mod testing;
