@@ -19,7 +19,7 @@ use crate::devices::{Devices, IoResult};
 use crate::exit::{exit, Code};
 use crate::guest::{self, GuestKind};
 use crate::latency::{self, Latency};
-use crate::memory::{frames_mut, FRAMES_LEN, TABLE_SLAB};
+use crate::memory::{frames_mut, FRAMES_BASE, FRAMES_LEN, TABLE_SLAB};
 use crate::platform::{ImagePorts, DEVICE_STATE_BYTES};
 use crate::transport::{Poll, StreamIn};
 
@@ -427,7 +427,8 @@ fn read_guest_u32<F: hal::stage2::Format>(table: &Stage2<'_, F>, gpa: u64) -> Op
 }
 
 /// Pages the guest wrote since RUN, from the stage-2 dirty bits (NPT sets them on every guest
-/// write; the engine's own writes go to the frames directly and leave them clear).
+/// write; the engine's own writes go to the frames directly and leave them clear): one bit per
+/// 4 KiB frame of the guest frames region.
 fn written_pages<F: hal::stage2::Format>(
     table: &Stage2<'_, F>,
     layout: Option<&agent::layout::Layout>,
@@ -439,36 +440,33 @@ fn written_pages<F: hal::stage2::Format>(
     for r in layout.regions() {
         let mut gpa = r.gpa;
         while gpa < r.gpa + r.len {
-            if table.translate(Gpa(gpa)).is_some_and(|t| t.dirty) {
-                w.add(gpa);
+            if let Some(t) = table.translate(Gpa(gpa)).filter(|t| t.dirty) {
+                w.add(t.hpa.0);
             }
             gpa += 4096;
         }
     }
 }
 
-/// Pages the guest wrote.
+/// Frames the guest wrote: one bit per 4 KiB frame from [`FRAMES_BASE`].
 struct Written {
     count: u64,
-    /// Guest-physical [start, end) ranges, the first 1024.
-    ranges: heapless::Vec<(u64, u64), 1024>,
-    truncated: bool,
+    bits: [u64; BITMAP_WORDS],
 }
 
 impl Written {
     const fn new() -> Self {
-        Self { count: 0, ranges: heapless::Vec::new(), truncated: false }
+        Self { count: 0, bits: [0; BITMAP_WORDS] }
     }
 
-    fn add(&mut self, gpa: u64) {
-        self.count += 1;
-        if let Some(last) = self.ranges.last_mut() {
-            if last.1 == gpa {
-                last.1 += 4096;
-                return;
+    fn add(&mut self, hpa: u64) {
+        let frame = ((hpa - FRAMES_BASE) / 4096) as usize;
+        if let Some(word) = self.bits.get_mut(frame / 64) {
+            if *word & (1 << (frame % 64)) == 0 {
+                *word |= 1 << (frame % 64);
+                self.count += 1;
             }
         }
-        self.truncated |= self.ranges.push((gpa, gpa + 4096)).is_err();
     }
 }
 
@@ -560,11 +558,17 @@ impl Report<'_> {
                 let _ = write!(w, ",\"probe_value\":null");
             }
         }
-        let _ = write!(w, ",\"guest_written_pages\":{},\"guest_written_ranges\":[", self.written.count);
-        for (i, (a, b)) in self.written.ranges.iter().enumerate() {
-            let _ = write!(w, "{}[{a},{b}]", if i == 0 { "" } else { "," });
+        // Little-endian u64 words as 16 hex digits each, up to the last non-zero one.
+        let _ = write!(
+            w,
+            ",\"guest_written_pages\":{},\"frames_base\":{FRAMES_BASE},\"guest_written_frames\":\"",
+            self.written.count
+        );
+        let last = self.written.bits.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        for word in &self.written.bits[..last] {
+            let _ = write!(w, "{word:016x}");
         }
-        let _ = write!(w, "],\"guest_written_ranges_truncated\":{}", self.written.truncated);
+        let _ = write!(w, "\"");
         match guest.result {
             Some(r) => {
                 let _ = write!(

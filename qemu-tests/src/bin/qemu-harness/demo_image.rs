@@ -1,12 +1,14 @@
 //! `demo` (the default): the project's main path with its defaults. A QEMU 7.2 VM (TCG, pc,
-//! 32 MiB, the dirty guest) migrates postcopy through the vsock bridge into the hypervisor
+//! 64 MiB, the dirty guest) migrates postcopy through the vsock bridge into the hypervisor
 //! image (QEMU, `vhost-user-vsock-pci` with the `vhost-device-vsock` daemon) and goes on
 //! running there. Live progress with indicatif (pages received, discarded, requested, faults
 //! served), then a human summary and the JSON line of `migrate --source qemu --transport
 //! vsock`.
 //!
-//! Flags: `--mem-mib N` (32), `--guest ARGS` (`rate=1024`), `--source-args "QEMU ARGS"`,
-//! `--sink-mib N` (32), `--after-end-ms N` (1000), `--precopy-ms N` (1500).
+//! Flags: `--mem-mib N` (64), `--guest ARGS` (`rate=16384 fill`), `--source-args "QEMU ARGS"`,
+//! `--sink-mib N` (32), `--after-end-ms N` (500), `--precopy-ms N` (500),
+//! `--max-postcopy-bandwidth BYTES/S` (0: unlimited). QEMU's rate limiter works in 100 ms
+//! windows, so a limited postcopy shows its windows in the fault latency, not ours.
 
 use std::time::Duration;
 
@@ -20,7 +22,15 @@ use crate::Flags;
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let flags = Flags::new(
         args,
-        &["--mem-mib", "--guest", "--source-args", "--sink-mib", "--after-end-ms", "--precopy-ms"],
+        &[
+            "--mem-mib",
+            "--guest",
+            "--source-args",
+            "--sink-mib",
+            "--after-end-ms",
+            "--precopy-ms",
+            "--max-postcopy-bandwidth",
+        ],
         &[],
     )?;
     let num = |flag: &str, default: u64| -> Result<u64> {
@@ -37,6 +47,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         sink_bytes: num("--sink-mib", d.sink_bytes >> 20)? << 20,
         after_end_ms: num("--after-end-ms", d.after_end_ms)?,
         precopy_for: Duration::from_millis(num("--precopy-ms", d.precopy_for.as_millis() as u64)?),
+        max_postcopy_bandwidth: num("--max-postcopy-bandwidth", d.max_postcopy_bandwidth)?,
         ..d
     };
     println!(

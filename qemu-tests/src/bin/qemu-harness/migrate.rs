@@ -4,9 +4,10 @@
 //! migrate [--emulator qemu|bochs [--cpu corei7_skylake_x|ryzen]] [--source own|file:PATH]
 //!         [--transport serial] [--mem-mib N] [--dump-dir DIR] [--log FILE] [--timeout-s N]
 //!         [--background-pause-ms N (5)]
-//! migrate --source qemu --transport vsock [--source-args "QEMU ARGS"] [--mem-mib N (32)]
-//!         [--guest ARGS (rate=1024)] [--sink-mib N (32)] [--after-end-ms N (1000)]
-//!         [--precopy-ms N (1500)] [--dump-dir DIR] [--log FILE] [--timeout-s N]
+//! migrate --source qemu --transport vsock [--source-args "QEMU ARGS"] [--mem-mib N (64)]
+//!         [--guest ARGS ("rate=16384 fill")] [--sink-mib N (32)] [--after-end-ms N (500)]
+//!         [--precopy-ms N (500)] [--max-postcopy-bandwidth BYTES/S (0: unlimited)]
+//!         [--dump-dir DIR] [--log FILE] [--timeout-s N]
 //! migrate --source file:PATH --transport vsock     (a recorded or hostile stream over vsock)
 //! ```
 //!
@@ -53,6 +54,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             "--sink-mib",
             "--after-end-ms",
             "--precopy-ms",
+            "--max-postcopy-bandwidth",
         ],
         &[],
     )?;
@@ -139,6 +141,7 @@ fn run_vsock(flags: &Flags) -> Result<()> {
         precopy_for: Duration::from_millis(num("--precopy-ms", defaults.precopy_for.as_millis() as u64)?),
         dump_dir: flags.get("--dump-dir").map(PathBuf::from),
         timeout: Duration::from_secs(num("--timeout-s", defaults.timeout.as_secs())?),
+        max_postcopy_bandwidth: num("--max-postcopy-bandwidth", defaults.max_postcopy_bandwidth)?,
         stream_file,
         ..defaults
     };

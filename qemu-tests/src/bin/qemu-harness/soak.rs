@@ -8,6 +8,11 @@
 //! `soak --image [--runs 20] [--mem-mib 2,4,6] [--background-pause-ms 0,5]` does the same for
 //! the hypervisor image under QEMU TCG (the project's source, `cargo xtask migrate`'s check).
 //!
+//! `soak --vsock [--runs 12] [--mem-mib 16,32,64] [--postcopy-bandwidth 0,4M,16M]
+//! [--guest "rate=1024 fill"]` does it for the main path: a real QEMU 7.2 VM over virtio-vsock
+//! into the image (`migrate --source qemu --transport vsock`'s check: source `completed`,
+//! image END, the guest ran on, `ram_equal`).
+//!
 //! Flags: `--runs 20`, `--stage2 ept,npt`, `--vcpus 4`, `--mem 112M`, `--max-bandwidth 12M`
 //! (bytes/s during precopy; postcopy is unlimited), `--precopy-for 2000` (ms), `--machine pc`,
 //! `--guest "rate=4096 fill"` (RAM filled first, so 2 s of precopy cannot finish it),
@@ -40,6 +45,9 @@ fn bytes_per_s(s: &str) -> Result<u64> {
 pub(crate) fn run(args: &[String]) -> Result<()> {
     if args.first().map(String::as_str) == Some("--image") {
         return image_runs(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("--vsock") {
+        return vsock_runs(&args[1..]);
     }
     let flags = Flags::new(
         args,
@@ -183,6 +191,63 @@ fn image_runs(args: &[String]) -> Result<()> {
         }
     }
     println!("soak --image: {}/{runs} passed", runs - failed.len());
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        bail!("runs {failed:?} failed")
+    }
+}
+
+fn vsock_runs(args: &[String]) -> Result<()> {
+    use qemu_tests::image_qemu::{migrate, QemuMigration};
+    let flags = Flags::new(args, &["--runs", "--mem-mib", "--postcopy-bandwidth", "--guest"], &[])?;
+    let runs: usize =
+        flags.get("--runs").unwrap_or("12").parse().map_err(|_| qemu_tests::Error("bad --runs".into()))?;
+    let number = |s: &str| s.parse::<u64>().map_err(|_| qemu_tests::Error(format!("bad number {s}")));
+    let mems = list(&flags, "--mem-mib", "16,32,64", number)?;
+    let bandwidths = list(&flags, "--postcopy-bandwidth", "0,4M,16M", bytes_per_s)?;
+    let mut failed = Vec::new();
+    for i in 0..runs {
+        let (mem, bw) = (mems[i % mems.len()], bandwidths[i / mems.len() % bandwidths.len()]);
+        let mut m = QemuMigration {
+            mem_mib: mem,
+            max_postcopy_bandwidth: bw,
+            sink_bytes: 0,
+            ..QemuMigration::default()
+        };
+        if let Some(g) = flags.get("--guest") {
+            m.guest_append = g.to_string();
+        }
+        let what = format!(
+            "{mem} MiB, postcopy bandwidth {}",
+            if bw == 0 { "unlimited".into() } else { format!("{} MiB/s", bw >> 20) }
+        );
+        let start = Instant::now();
+        let verdict = migrate(&m, &mut |_| {}).and_then(|(line, _log)| {
+            if line["state"] == "END" && line["ram_equal"] == true && line["guest_running"] == true {
+                Ok(format!(
+                    "{} faults, {} requests, latency mean {} ns, postcopy {} MB/s, guest +{} heartbeats",
+                    line["postcopy_faults"],
+                    line["page_requests"],
+                    line["postcopy_latency_ns"],
+                    line["postcopy_mb_per_s"],
+                    line["guest_progress"]["advanced"]
+                ))
+            } else {
+                bail!("{line}")
+            }
+        });
+        match verdict {
+            Ok(l) => {
+                println!("run {:>2}/{runs} ok   {:5.1} s  {what}: {l}", i + 1, start.elapsed().as_secs_f64())
+            }
+            Err(e) => {
+                println!("run {:>2}/{runs} FAIL {:5.1} s  {what}: {e}", i + 1, start.elapsed().as_secs_f64());
+                failed.push(i + 1);
+            }
+        }
+    }
+    println!("soak --vsock: {}/{runs} passed", runs - failed.len());
     if failed.is_empty() {
         Ok(())
     } else {
