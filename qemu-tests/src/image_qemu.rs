@@ -37,6 +37,9 @@ pub struct QemuMigration {
     pub source_args: Option<Vec<String>>,
     /// The dirty guest's command line (when `source_args` is `None`).
     pub guest_append: String,
+    /// With `source_args`: how long the source runs before the migration starts (its
+    /// firmware boots the guest meanwhile). The dirty guest is waited for by its heartbeat.
+    pub boot_wait: Duration,
     /// `max-bandwidth` for the precopy phase, bytes/s.
     pub max_bandwidth: u64,
     /// Time in precopy before `migrate-start-postcopy`.
@@ -63,6 +66,7 @@ impl Default for QemuMigration {
             // RAM filled first (so postcopy has non-zero pages to move), then 16 MiB/s of
             // random page writes: the running guest meets missing pages.
             guest_append: "rate=16384 fill".into(),
+            boot_wait: Duration::from_secs(3),
             max_bandwidth: 16 << 20,
             precopy_for: Duration::from_millis(500),
             max_postcopy_bandwidth: 0,
@@ -234,8 +238,9 @@ fn run_source(
     shown.phase = "starting the source VM".into();
     progress(shown);
     let mut vm = builder.clone().spawn()?;
-    if m.source_args.is_none() {
-        vm.wait_guest_dirtying(Duration::from_secs(30))?;
+    match m.source_args {
+        None => drop(vm.wait_guest_dirtying(Duration::from_secs(30))?),
+        Some(_) => std::thread::sleep(m.boot_wait),
     }
     vm.set_capabilities(&[("postcopy-ram", true)])?;
     vm.set_max_bandwidth(m.max_bandwidth)?;
@@ -263,7 +268,8 @@ fn run_source(
             }
             _ => {}
         }
-        if !postcopy && start.elapsed() >= m.precopy_for {
+        // QEMU takes `migrate-start-postcopy` once the migration is active (not in setup).
+        if !postcopy && info.status == "active" && start.elapsed() >= m.precopy_for {
             vm.start_postcopy()?;
             postcopy = true;
         }

@@ -6,8 +6,10 @@
 //!         [--background-pause-ms N (5)]
 //! migrate --source qemu --transport vsock [--source-args "QEMU ARGS"] [--mem-mib N (64)]
 //!         [--guest ARGS ("rate=16384 fill")] [--sink-mib N (32)] [--after-end-ms N (500)]
-//!         [--precopy-ms N (500)] [--max-postcopy-bandwidth BYTES/S (0: unlimited)]
-//!         [--dump-dir DIR] [--log FILE] [--timeout-s N]
+//!         [--precopy-ms N (500)] [--max-bandwidth BYTES/S (16 MiB/s, precopy)]
+//!         [--max-postcopy-bandwidth BYTES/S (0: unlimited)]
+//!         [--boot-wait-ms N (3000, with --source-args)] [--dump-dir DIR] [--log FILE]
+//!         [--timeout-s N]
 //! migrate --source file:PATH --transport vsock     (a recorded or hostile stream over vsock)
 //! ```
 //!
@@ -55,6 +57,8 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             "--after-end-ms",
             "--precopy-ms",
             "--max-postcopy-bandwidth",
+            "--boot-wait-ms",
+            "--max-bandwidth",
         ],
         &[],
     )?;
@@ -142,6 +146,8 @@ fn run_vsock(flags: &Flags) -> Result<()> {
         dump_dir: flags.get("--dump-dir").map(PathBuf::from),
         timeout: Duration::from_secs(num("--timeout-s", defaults.timeout.as_secs())?),
         max_postcopy_bandwidth: num("--max-postcopy-bandwidth", defaults.max_postcopy_bandwidth)?,
+        boot_wait: Duration::from_millis(num("--boot-wait-ms", defaults.boot_wait.as_millis() as u64)?),
+        max_bandwidth: num("--max-bandwidth", defaults.max_bandwidth)?,
         stream_file,
         ..defaults
     };
@@ -150,6 +156,12 @@ fn run_vsock(flags: &Flags) -> Result<()> {
     println!("{line}");
     if line["state"] == "END" && (m.stream_file.is_some() || line["ram_equal"] == true) {
         Ok(())
+    } else if line["state"] == "ADVISE" {
+        bail!(
+            "the migration completed in precopy, before postcopy started: lower --max-bandwidth \
+             (bytes/s during precopy) or --precopy-ms; ram_equal {}",
+            line["ram_equal"]
+        )
     } else {
         bail!("the migration did not pass: state {}, ram_equal {}", line["state"], line["ram_equal"])
     }
