@@ -2,11 +2,13 @@
 //!
 //! * `test`: install prerequisites, then fmt, clippy, the bare-metal agent build and the
 //!   workspace tests (including the QEMU interop tests); prints a pass/fail summary.
-//! * `demo [ARGS]`: a live postcopy migration from QEMU into `postcopy-dest`, with
-//!   progress and a RAM check (`qemu-harness demo --help` style arguments).
+//! * `demo [ARGS]`: the main path: a QEMU 7.2 VM migrated postcopy over virtio-vsock into the
+//!   hypervisor image, where it keeps running; live progress, a summary and the JSON line.
+//!   `demo --hosted [ARGS]`: the hosted destination `postcopy-dest` instead.
 //! * `migrate [--emulator qemu|bochs [--cpu ...]] [--source own|file:PATH] [--transport serial] [--mem-mib N]
 //!   [--dump-dir DIR]`: one postcopy migration into the hypervisor image; its last stdout line
-//!   is the JSON summary scripts read.
+//!   is the JSON summary scripts read. `migrate --source qemu --transport vsock [--source-args
+//!   "..."]`: a real QEMU VM over virtio-vsock.
 //! * `soak [--runs 20] [--stage2 ept,npt] [--vcpus 4] [--mem 112M] ...` (or `soak --image
 //!   [--runs 20] [--mem-mib 2,4,6]` for the hypervisor image): the same real
 //!   postcopy migration many times in a row (races at the end of a migration hide in one
@@ -37,9 +39,11 @@ fn main() -> ExitCode {
         Some("bench") => bench(rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask test | demo [--machine pc|q35] [--mem 64M] [--precopy] \
+                "usage: cargo xtask test | demo [--mem-mib 64] [--source-args \"QEMU ARGS\"] \
+                 | demo --hosted [--machine pc|q35] [--mem 64M] [--precopy] \
                  [--touch random|seq] [--record FILE] | soak [--runs 20] [--stage2 ept,npt] [--vcpus 4] [--mem 112M] \
                  [--max-bandwidth 12M] [--guest-writes] | migrate [--emulator qemu|bochs] [--source own|file:PATH] [--mem-mib N] [--dump-dir DIR] \
+                 | migrate --source qemu --transport vsock [--source-args \"QEMU ARGS\"] \
                  | capture [--machine pc] [--mem 320M] [--out FILE] \
                  | bench [--mem 1100M]"
             );

@@ -78,6 +78,12 @@ fn steps() -> Vec<(&'static str, Step, Option<&'static str>)> {
         ),
         // The interface scripts use, end to end: exit 0 only for a checked migration.
         ("cargo xtask migrate (the image under QEMU, SVM)", Step::Check(migrate), None),
+        (
+            "cargo xtask migrate --source qemu --transport vsock (a QEMU VM into the image)",
+            Step::Check(migrate_vsock),
+            None,
+        ),
+        ("cargo xtask demo (the main path, with its defaults)", Step::Check(demo), None),
         ("loom models (agent shared state)", Step::Check(loom), Some("agent/tests/loom.rs")),
         ("fuzz target: build and run on the captures", Step::Check(fuzz), Some("fuzz/Cargo.toml")),
     ]
@@ -123,6 +129,16 @@ pub fn test() -> bool {
 /// `cargo xtask migrate --mem-mib 4`: one postcopy migration into the image, checked.
 fn migrate() -> bool {
     harness("migrate", vec!["--mem-mib".into(), "4".into()])
+}
+
+/// `cargo xtask migrate --source qemu --transport vsock`: a real QEMU VM over virtio-vsock.
+fn migrate_vsock() -> bool {
+    harness("migrate", ["--source", "qemu", "--transport", "vsock"].map(String::from).to_vec())
+}
+
+/// `cargo xtask demo`, as a user runs it.
+fn demo() -> bool {
+    harness("demo", Vec::new())
 }
 
 /// `cargo clippy -D warnings` on the two test guests, each from its own directory (its

@@ -149,7 +149,6 @@ fn run_vsock(flags: &Flags) -> Result<()> {
         boot_wait: Duration::from_millis(num("--boot-wait-ms", defaults.boot_wait.as_millis() as u64)?),
         max_bandwidth: num("--max-bandwidth", defaults.max_bandwidth)?,
         stream_file,
-        ..defaults
     };
     let (line, log) = migrate(&m, &mut |_| {})?;
     write_log(flags, &log)?;
