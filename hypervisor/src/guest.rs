@@ -97,10 +97,10 @@ fn qemu_segment(s: &Segment) -> SegmentState {
     }
 }
 
-/// The architectural state of QEMU's vCPU.
-fn qemu_state(c: &X86Cpu) -> ArchState {
-    let g = |i: usize| c.regs[i];
-    let regs = GuestRegs {
+/// The general registers (RSP aside) from the sixteen in their encoding order (RAX, RCX, RDX,
+/// RBX, RSP, RBP, RSI, RDI, R8-R15), the order of both QEMU's `regs[]` and the project's record.
+fn gprs(g: impl Fn(usize) -> u64) -> GuestRegs {
+    GuestRegs {
         rax: g(0),
         rcx: g(1),
         rdx: g(2),
@@ -116,7 +116,13 @@ fn qemu_state(c: &X86Cpu) -> ArchState {
         r13: g(13),
         r14: g(14),
         r15: g(15),
-    };
+    }
+}
+
+/// The architectural state of QEMU's vCPU.
+fn qemu_state(c: &X86Cpu) -> ArchState {
+    let g = |i: usize| c.regs[i];
+    let regs = gprs(g);
     ArchState {
         regs,
         rsp: g(4),
@@ -158,23 +164,7 @@ fn segment(s: &agent::wire::vcpu::Segment) -> SegmentState {
 /// The architectural state the record describes (vendor-neutral; each backend loads it).
 fn state(r: &VcpuRecord) -> ArchState {
     let g = |i: usize| r.gprs[i].get();
-    let regs = GuestRegs {
-        rax: g(0),
-        rcx: g(1),
-        rdx: g(2),
-        rbx: g(3),
-        rbp: g(5),
-        rsi: g(6),
-        rdi: g(7),
-        r8: g(8),
-        r9: g(9),
-        r10: g(10),
-        r11: g(11),
-        r12: g(12),
-        r13: g(13),
-        r14: g(14),
-        r15: g(15),
-    };
+    let regs = gprs(g);
     ArchState {
         regs,
         rsp: g(4),

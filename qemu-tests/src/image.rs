@@ -88,6 +88,15 @@ impl Default for Migration {
     }
 }
 
+/// A stream the image must refuse, for the hostile-input tests over COM1 and over vsock: a
+/// valid start, then a RAM_DISCARD range past the end of its block.
+pub fn discard_past_the_block_stream() -> Vec<u8> {
+    let mut s = agent::testing::StreamBuilder::new();
+    s.header().configuration(b"postcopy-test").command(agent::wire::command::Command::OpenReturnPath);
+    s.advise(4096, 4096).ram_start(2, &[(b"ram", 2 << 20)]).discard(b"ram", &[(0x1f_f000, 0x2000)]);
+    s.bytes
+}
+
 /// How QEMU runs the image: `-accel kvm -cpu host` when the host offers nested virtualization
 /// (`/dev/kvm` opens and the `kvm_amd` or `kvm_intel` module's `nested` parameter is on, so the
 /// image sees SVM or VMX), else TCG with `-cpu max` (AMD SVM with nested paging, emulated).

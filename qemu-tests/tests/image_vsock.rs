@@ -96,12 +96,9 @@ fn a_guest_touching_a_port_the_image_does_not_emulate_stops_with_a_report_and_th
 #[test]
 fn a_hostile_stream_over_vsock_is_refused_with_a_typed_error_and_shut_1() {
     // A valid start, then a RAM_DISCARD range past the block: refused at its offset.
-    let mut s = agent::testing::StreamBuilder::new();
-    s.header().configuration(b"postcopy-test").command(agent::wire::command::Command::OpenReturnPath);
-    s.advise(4096, 4096).ram_start(2, &[(b"ram", 2 << 20)]).discard(b"ram", &[(0x1f_f000, 0x2000)]);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("hostile.bin");
-    std::fs::write(&file, &s.bytes).unwrap();
+    std::fs::write(&file, qemu_tests::image::discard_past_the_block_stream()).unwrap();
     let m = QemuMigration {
         stream_file: Some(file),
         sink_bytes: 0,

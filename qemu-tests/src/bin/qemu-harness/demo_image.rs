@@ -7,13 +7,15 @@
 //!
 //! Flags: `--mem-mib N` (64), `--guest ARGS` (`rate=16384 fill`), `--source-args "QEMU ARGS"`,
 //! `--sink-mib N` (32), `--after-end-ms N` (500), `--precopy-ms N` (500),
-//! `--max-postcopy-bandwidth BYTES/S` (0: unlimited). QEMU's rate limiter works in 100 ms
+//! `--max-postcopy-bandwidth BYTES/S` (0: unlimited), `--max-bandwidth BYTES/S`,
+//! `--boot-wait-ms N`, `--dump-dir DIR`, `--timeout-s N` (those of `migrate --source qemu
+//! --transport vsock`). QEMU's rate limiter works in 100 ms
 //! windows, so a limited postcopy shows its windows in the fault latency, not ours.
 
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use qemu_tests::image_qemu::{migrate, split_args, Progress, QemuMigration};
+use qemu_tests::image_qemu::{migrate, Progress};
 use qemu_tests::{bail, Result};
 use serde_json::Value;
 
@@ -30,26 +32,14 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             "--after-end-ms",
             "--precopy-ms",
             "--max-postcopy-bandwidth",
+            "--max-bandwidth",
+            "--boot-wait-ms",
+            "--dump-dir",
+            "--timeout-s",
         ],
         &[],
     )?;
-    let num = |flag: &str, default: u64| -> Result<u64> {
-        match flags.get(flag) {
-            None => Ok(default),
-            Some(v) => v.parse().map_err(|_| qemu_tests::Error(format!("bad {flag} {v:?}"))),
-        }
-    };
-    let d = QemuMigration::default();
-    let m = QemuMigration {
-        mem_mib: num("--mem-mib", d.mem_mib)?,
-        source_args: flags.get("--source-args").map(split_args).transpose()?,
-        guest_append: flags.get("--guest").map_or(d.guest_append.clone(), str::to_string),
-        sink_bytes: num("--sink-mib", d.sink_bytes >> 20)? << 20,
-        after_end_ms: num("--after-end-ms", d.after_end_ms)?,
-        precopy_for: Duration::from_millis(num("--precopy-ms", d.precopy_for.as_millis() as u64)?),
-        max_postcopy_bandwidth: num("--max-postcopy-bandwidth", d.max_postcopy_bandwidth)?,
-        ..d
-    };
+    let m = crate::migrate::vsock_options(&flags)?;
     println!(
         "demo: a QEMU 7.2 VM (pc, {} MiB, {}) migrates postcopy over virtio-vsock into the hypervisor \
          image, under QEMU ({}), and keeps running there",

@@ -115,41 +115,14 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
 
 /// `--transport vsock`: a QEMU source (or a stream file) over virtio-vsock.
 fn run_vsock(flags: &Flags) -> Result<()> {
-    use qemu_tests::image_qemu::{migrate, split_args, QemuMigration};
+    use qemu_tests::image_qemu::migrate;
     if flags.get("--emulator").is_some_and(|e| e != "qemu") {
         bail!("--transport vsock runs under QEMU (Bochs has no virtio)");
     }
     if flags.get("--transport") != Some("vsock") {
         bail!("--source qemu needs --transport vsock");
     }
-    let num = |flag: &str, default: u64| -> Result<u64> {
-        match flags.get(flag) {
-            None => Ok(default),
-            Some(v) => v.parse().map_err(|_| qemu_tests::Error(format!("bad {flag} {v:?}"))),
-        }
-    };
-    let defaults = QemuMigration::default();
-    let stream_file = match flags.get("--source").unwrap_or("qemu") {
-        "qemu" => None,
-        s => match s.strip_prefix("file:") {
-            Some(path) => Some(PathBuf::from(path)),
-            None => bail!("--source {s}: qemu or file:PATH with --transport vsock"),
-        },
-    };
-    let m = QemuMigration {
-        mem_mib: num("--mem-mib", defaults.mem_mib)?,
-        source_args: flags.get("--source-args").map(split_args).transpose()?,
-        guest_append: flags.get("--guest").map_or(defaults.guest_append.clone(), str::to_string),
-        sink_bytes: num("--sink-mib", defaults.sink_bytes >> 20)? << 20,
-        after_end_ms: num("--after-end-ms", defaults.after_end_ms)?,
-        precopy_for: Duration::from_millis(num("--precopy-ms", defaults.precopy_for.as_millis() as u64)?),
-        dump_dir: flags.get("--dump-dir").map(PathBuf::from),
-        timeout: Duration::from_secs(num("--timeout-s", defaults.timeout.as_secs())?),
-        max_postcopy_bandwidth: num("--max-postcopy-bandwidth", defaults.max_postcopy_bandwidth)?,
-        boot_wait: Duration::from_millis(num("--boot-wait-ms", defaults.boot_wait.as_millis() as u64)?),
-        max_bandwidth: num("--max-bandwidth", defaults.max_bandwidth)?,
-        stream_file,
-    };
+    let m = vsock_options(flags)?;
     let (line, log) = migrate(&m, &mut |_| {})?;
     write_log(flags, &log)?;
     println!("{line}");
@@ -164,6 +137,41 @@ fn run_vsock(flags: &Flags) -> Result<()> {
     } else {
         bail!("the migration did not pass: state {}, ram_equal {}", line["state"], line["ram_equal"])
     }
+}
+
+/// The options of a QEMU VM over vsock (`migrate --transport vsock` and `demo`), defaults from
+/// [`QemuMigration::default`].
+pub(crate) fn vsock_options(flags: &Flags) -> Result<qemu_tests::image_qemu::QemuMigration> {
+    use qemu_tests::image_qemu::{split_args, QemuMigration};
+    let num = |flag: &str, default: u64| -> Result<u64> {
+        match flags.get(flag) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| qemu_tests::Error(format!("bad {flag} {v:?}"))),
+        }
+    };
+    let d = QemuMigration::default();
+    let stream_file = match flags.get("--source").unwrap_or("qemu") {
+        "qemu" => None,
+        s => match s.strip_prefix("file:") {
+            Some(path) => Some(PathBuf::from(path)),
+            None => bail!("--source {s}: qemu or file:PATH with --transport vsock"),
+        },
+    };
+    let ms = |flag: &str, default: Duration| num(flag, default.as_millis() as u64).map(Duration::from_millis);
+    Ok(QemuMigration {
+        mem_mib: num("--mem-mib", d.mem_mib)?,
+        source_args: flags.get("--source-args").map(split_args).transpose()?,
+        guest_append: flags.get("--guest").map_or(d.guest_append.clone(), str::to_string),
+        sink_bytes: num("--sink-mib", d.sink_bytes >> 20)? << 20,
+        after_end_ms: num("--after-end-ms", d.after_end_ms)?,
+        precopy_for: ms("--precopy-ms", d.precopy_for)?,
+        dump_dir: flags.get("--dump-dir").map(PathBuf::from),
+        timeout: Duration::from_secs(num("--timeout-s", d.timeout.as_secs())?),
+        max_postcopy_bandwidth: num("--max-postcopy-bandwidth", d.max_postcopy_bandwidth)?,
+        boot_wait: ms("--boot-wait-ms", d.boot_wait)?,
+        max_bandwidth: num("--max-bandwidth", d.max_bandwidth)?,
+        stream_file,
+    })
 }
 
 fn write_log(flags: &Flags, log: &str) -> Result<()> {

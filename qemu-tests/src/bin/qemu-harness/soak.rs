@@ -154,13 +154,11 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
 fn image_runs(args: &[String]) -> Result<()> {
     use qemu_tests::image::{migrate, Migration};
     let flags = Flags::new(args, &["--runs", "--mem-mib", "--background-pause-ms"], &[])?;
-    let runs: usize =
-        flags.get("--runs").unwrap_or("20").parse().map_err(|_| qemu_tests::Error("bad --runs".into()))?;
+    let runs = runs(&flags, 20)?;
     let number = |s: &str| s.parse::<u64>().map_err(|_| qemu_tests::Error(format!("bad number {s}")));
     let mems = list(&flags, "--mem-mib", "2,4,6", number)?;
     let pauses = list(&flags, "--background-pause-ms", "0,5", number)?;
-    let mut failed = Vec::new();
-    for i in 0..runs {
+    repeat("soak --image", runs, |i| {
         let (mem, pause) = (mems[i % mems.len()], pauses[i / mems.len() % pauses.len()]);
         let m = Migration {
             mem_mib: mem,
@@ -168,7 +166,6 @@ fn image_runs(args: &[String]) -> Result<()> {
             ..Migration::default()
         };
         let what = format!("{mem} MiB, background pause {pause} ms");
-        let start = Instant::now();
         let verdict = migrate(&m).and_then(|(line, _log)| {
             if line["state"] == "END" && line["guest_ok"] == true && line["ram_equal"] == true {
                 Ok(format!(
@@ -180,17 +177,35 @@ fn image_runs(args: &[String]) -> Result<()> {
                 bail!("{line}")
             }
         });
+        (what, verdict)
+    })
+}
+
+/// `--runs N` (default `default`).
+fn runs(flags: &Flags, default: usize) -> Result<usize> {
+    match flags.get("--runs") {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|_| qemu_tests::Error("bad --runs".into())),
+    }
+}
+
+/// Runs `one(i)` for i in 0..runs, one line each (what it was, and its verdict), then the
+/// count; an error if any run failed.
+fn repeat(name: &str, runs: usize, mut one: impl FnMut(usize) -> (String, Result<String>)) -> Result<()> {
+    let mut failed = Vec::new();
+    for i in 0..runs {
+        let start = Instant::now();
+        let (what, verdict) = one(i);
+        let secs = start.elapsed().as_secs_f64();
         match verdict {
-            Ok(l) => {
-                println!("run {:>2}/{runs} ok   {:5.1} s  {what}: {l}", i + 1, start.elapsed().as_secs_f64())
-            }
+            Ok(l) => println!("run {:>2}/{runs} ok   {secs:5.1} s  {what}: {l}", i + 1),
             Err(e) => {
-                println!("run {:>2}/{runs} FAIL {:5.1} s  {what}: {e}", i + 1, start.elapsed().as_secs_f64());
+                println!("run {:>2}/{runs} FAIL {secs:5.1} s  {what}: {e}", i + 1);
                 failed.push(i + 1);
             }
         }
     }
-    println!("soak --image: {}/{runs} passed", runs - failed.len());
+    println!("{name}: {}/{runs} passed", runs - failed.len());
     if failed.is_empty() {
         Ok(())
     } else {
@@ -201,13 +216,11 @@ fn image_runs(args: &[String]) -> Result<()> {
 fn vsock_runs(args: &[String]) -> Result<()> {
     use qemu_tests::image_qemu::{migrate, QemuMigration};
     let flags = Flags::new(args, &["--runs", "--mem-mib", "--postcopy-bandwidth", "--guest"], &[])?;
-    let runs: usize =
-        flags.get("--runs").unwrap_or("12").parse().map_err(|_| qemu_tests::Error("bad --runs".into()))?;
+    let runs = runs(&flags, 12)?;
     let number = |s: &str| s.parse::<u64>().map_err(|_| qemu_tests::Error(format!("bad number {s}")));
     let mems = list(&flags, "--mem-mib", "16,32,64", number)?;
     let bandwidths = list(&flags, "--postcopy-bandwidth", "0,4M,16M", bytes_per_s)?;
-    let mut failed = Vec::new();
-    for i in 0..runs {
+    repeat("soak --vsock", runs, |i| {
         let (mem, bw) = (mems[i % mems.len()], bandwidths[i / mems.len() % bandwidths.len()]);
         let mut m = QemuMigration {
             mem_mib: mem,
@@ -218,11 +231,8 @@ fn vsock_runs(args: &[String]) -> Result<()> {
         if let Some(g) = flags.get("--guest") {
             m.guest_append = g.to_string();
         }
-        let what = format!(
-            "{mem} MiB, postcopy bandwidth {}",
-            if bw == 0 { "unlimited".into() } else { format!("{} MiB/s", bw >> 20) }
-        );
-        let start = Instant::now();
+        let bw_text = if bw == 0 { "unlimited".into() } else { format!("{} MiB/s", bw >> 20) };
+        let what = format!("{mem} MiB, postcopy bandwidth {bw_text}");
         let verdict = migrate(&m, &mut |_| {}).and_then(|(line, _log)| {
             if line["state"] == "END" && line["ram_equal"] == true && line["guest_running"] == true {
                 Ok(format!(
@@ -237,20 +247,6 @@ fn vsock_runs(args: &[String]) -> Result<()> {
                 bail!("{line}")
             }
         });
-        match verdict {
-            Ok(l) => {
-                println!("run {:>2}/{runs} ok   {:5.1} s  {what}: {l}", i + 1, start.elapsed().as_secs_f64())
-            }
-            Err(e) => {
-                println!("run {:>2}/{runs} FAIL {:5.1} s  {what}: {e}", i + 1, start.elapsed().as_secs_f64());
-                failed.push(i + 1);
-            }
-        }
-    }
-    println!("soak --vsock: {}/{runs} passed", runs - failed.len());
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        bail!("runs {failed:?} failed")
-    }
+        (what, verdict)
+    })
 }
