@@ -168,6 +168,24 @@ impl Decoder {
         self.offset
     }
 
+    /// The connection broke: the next connection (postcopy recovery) starts at a top-level
+    /// record, with no stream header; whatever record was cut is dropped (its pages come
+    /// again). Offsets go on counting across connections.
+    pub fn resume_after_break(&mut self) {
+        self.expect = Expect::TopLevel;
+        self.package_left = None;
+    }
+
+    /// The `ram` section a break cut open (its footer never came), if any.
+    pub const fn open_ram_section(&self) -> Option<u32> {
+        match self.expect {
+            Expect::RamBody { section_id, .. }
+            | Expect::PagePayload { section_id, .. }
+            | Expect::Footer { section_id } => Some(section_id),
+            _ => None,
+        }
+    }
+
     /// The dialect.
     pub const fn dialect(&self) -> Dialect {
         self.dialect

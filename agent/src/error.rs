@@ -64,6 +64,8 @@ pub enum Field {
     EndOfStream,
     /// A return-path message.
     ReturnPath,
+    /// The block name of a RECV_BITMAP command (postcopy recovery).
+    RecvBitmapBlock,
     /// A field of a QEMU device's VMState body that the image decodes
     /// ([`qemu_state`](crate::qemu_state)); its Debug form names the device and the field
     /// (`cpu.env.cr[0]`, `cpu/msr_smi_count (header)`).
@@ -156,6 +158,11 @@ pub enum Defect {
     },
     /// A VMState subsection this destination does not know, named (its first bytes).
     UnknownSubsection(Name),
+    /// POSTCOPY_RESUME before the source asked for the received bitmap of every block.
+    BitmapsMissing {
+        /// Blocks whose bitmap was not asked for on this connection.
+        blocks: u64,
+    },
 }
 
 /// A name from the stream kept inside an error (errors are `Copy` and heap-free): its first
@@ -263,6 +270,9 @@ impl fmt::Display for Error {
                 write!(f, "{missing} pages of block #{block} never arrived (the first at offset {first:#x})")
             }
             Defect::UnknownSubsection(name) => write!(f, "unknown subsection {name}"),
+            Defect::BitmapsMissing { blocks } => {
+                write!(f, "resume before the received bitmaps of {blocks} blocks were asked for")
+            }
         }
     }
 }

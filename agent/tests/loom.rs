@@ -177,3 +177,45 @@ fn no_request_follows_shut_and_no_vcpu_waits_past_the_end() {
         assert_eq!(shut, sent.len() - 1, "nothing after SHUT: {sent:?}");
     });
 }
+
+/// A break racing a fault, then the recovery, the page's arrival and the end: the stream
+/// context pauses (RUNNING → PAUSED), takes a new connection, resumes (RESUME_ACK, the
+/// outstanding requests again, PAUSED → RUNNING), places the page and ends the migration,
+/// while a vCPU faults on the page. A vCPU that waited finds its request on the new connection
+/// (sent by the resume's scan, or by itself after the resume) and is released exactly once;
+/// nothing follows SHUT.
+#[test]
+fn a_break_racing_a_fault_loses_no_request_and_releases_the_vcpu_once() {
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(3);
+    builder.check(|| {
+        let shared = running_shared();
+        let vcpu = {
+            let shared = shared.clone();
+            thread::spawn(move || shared.on_guest_fault(PAGE, Access::Read, 0))
+        };
+        assert!(shared.pause());
+        shared.reconnect(VecReturnPath::default());
+        let layout = shared.layout().unwrap();
+        shared.resume(layout).unwrap();
+        let mut releases = Releases::default();
+        shared.page_arrived(layout, 0, PAGE, &mut releases);
+        shared.end().unwrap();
+        let outcome = vcpu.join().unwrap();
+        let sent = shared.with_rp(|rp| rp.port().sent.clone());
+        // REQ_PAGES_ID (type 3) for the page, on the new connection.
+        let asked = sent.iter().any(|m| m[..2] == [0, 3] && m[4..12] == PAGE.to_be_bytes());
+        match outcome {
+            Ok(Fault::Wait { .. }) => {
+                assert!(asked, "a waiting vCPU's page is asked for on the new connection: {sent:?}");
+                assert_eq!(releases.0.len(), 1, "released once");
+            }
+            Ok(Fault::Resume) => assert!(releases.0.is_empty()),
+            Err(e) => panic!("vCPU error: {e:?}"),
+        }
+        assert_eq!(sent.first().map(|m| m[..2].to_vec()), Some(vec![0, 6]), "RESUME_ACK first: {sent:?}");
+        let shut = sent.iter().position(|m| m[..2] == [0, 1]).expect("SHUT sent");
+        assert_eq!(shut, sent.len() - 1, "nothing after SHUT: {sent:?}");
+        assert_eq!(shared.state.get(), State::End);
+    });
+}

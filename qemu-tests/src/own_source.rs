@@ -422,6 +422,14 @@ fn read_return_path(mut reader: Box<dyn Read + Send>, tx: Sender<RpEvent>, stop:
                     Rp::Request { block: Some(block.to_vec()), start, len }
                 }
                 RpMessage::ReqPages { start, len } => Rp::Request { block: None, start, len },
+                // The project's source never breaks a connection, so never asks to resume.
+                RpMessage::RecvBitmap { .. } | RpMessage::ResumeAck(_) => {
+                    let _ = tx.send(RpEvent::Failed(format!(
+                        "return path offset {}: {message:?} without a recovery",
+                        parsed + at - len
+                    )));
+                    return;
+                }
             };
             let shut = matches!(rp, Rp::Shut(_));
             // After SHUT the destination sends nothing more; the source stops reading.

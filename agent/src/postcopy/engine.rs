@@ -45,6 +45,18 @@ pub struct Stats {
     pub device_state_bytes: u64,
 }
 
+/// Where a broken connection left the migration ([`Engine::connection_lost`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Break {
+    /// Stream offset just past the last whole record (a page cut in the middle is dropped:
+    /// the source sends it again).
+    pub offset: u64,
+    /// The `ram` section the break cut open, if any (its footer never came).
+    pub open_ram_section: Option<u32>,
+    /// Pages of guest RAM not received yet.
+    pub missing_pages: u64,
+}
+
 /// How far a call to [`Engine::receive`] got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Progress {
@@ -91,6 +103,10 @@ struct Core<'s, 'a, 'c, R, P> {
     page: Option<PendingPage>,
     discard: Option<PendingDiscard>,
     vmdescription_left: Option<u32>,
+    /// Blocks whose received bitmap was sent on this connection (recovery), bit per block.
+    bitmaps_sent: u32,
+    /// Stream offset just past the last whole record.
+    boundary: u64,
     finished: bool,
     failed: Option<Error>,
     stats: Stats,
@@ -111,6 +127,8 @@ impl<'s, 'a, 'c, R: ReturnPath, P: StreamPorts> Engine<'s, 'a, 'c, R, P> {
                 page: None,
                 discard: None,
                 vmdescription_left: None,
+                bitmaps_sent: 0,
+                boundary: 0,
                 finished: false,
                 failed: None,
                 stats: Stats::default(),
@@ -135,6 +153,9 @@ impl<'s, 'a, 'c, R: ReturnPath, P: StreamPorts> Engine<'s, 'a, 'c, R, P> {
                 Ok(Some(len)) => {
                     consumed += len;
                     self.core.stats.bytes += len as u64;
+                    if self.core.page.is_none() {
+                        self.core.boundary = self.decoder.offset();
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => return Err(self.core.fail(e)),
@@ -156,6 +177,36 @@ impl<'s, 'a, 'c, R: ReturnPath, P: StreamPorts> Engine<'s, 'a, 'c, R, P> {
             }
         }
         Ok(Progress { consumed: 0, finished: true })
+    }
+
+    /// The connection broke (read error or end of file) before the migration completed.
+    ///
+    /// After RUN this is not the end: the state moves to PAUSED (see `shared`), the record
+    /// the break cut is dropped, and the engine waits for a new connection
+    /// ([`Engine::reconnected`]) that starts the recovery handshake. Before RUN, or in a
+    /// migration that has already failed or completed, it is [`Engine::end_of_input`].
+    pub fn connection_lost(&mut self) -> Result<Break, Error> {
+        if self.core.failed.is_none() && !self.core.finished && self.core.shared.pause() {
+            self.core.page = None;
+            let open_ram_section = self.decoder.open_ram_section();
+            self.decoder.resume_after_break();
+            let missing = self
+                .core
+                .layout()
+                .map_or(0, |l| (0..l.blocks().len()).map(|b| self.core.shared.missing_pages(l, b)).sum());
+            return Ok(Break { offset: self.core.boundary, open_ram_section, missing_pages: missing });
+        }
+        self.end_of_input().map(|_| Break {
+            offset: self.core.boundary,
+            open_ram_section: None,
+            missing_pages: 0,
+        })
+    }
+
+    /// A new connection after [`Engine::connection_lost`] paused the migration; the caller
+    /// has given its return path to [`Shared::reconnect`].
+    pub fn reconnected(&mut self) {
+        self.core.bitmaps_sent = 0;
     }
 
     /// Counters so far.
@@ -340,10 +391,32 @@ impl<R: ReturnPath, P: StreamPorts> Core<'_, '_, '_, R, P> {
                 Ok(())
             }
             // Outside postcopy recovery QEMU ignores it.
-            Command::Resume => Ok(()),
-            Command::EnableColo | Command::RecvBitmap(_) => {
-                Err(Error::new(at, Field::CommandId, Defect::Unsupported))
+            Command::Resume if state.get() != State::Paused => Ok(()),
+            Command::Resume => {
+                let layout = self.layout().ok_or(wrong(State::Paused))?;
+                let all = (1u64 << layout.blocks().len()) - 1;
+                let missing = u64::from((all & !u64::from(self.bitmaps_sent)).count_ones());
+                if missing != 0 {
+                    return Err(Error::new(at, Field::CommandId, Defect::BitmapsMissing { blocks: missing }));
+                }
+                self.shared
+                    .resume(layout)
+                    .map(drop)
+                    .map_err(|_| Error::new(at, Field::ReturnPath, Defect::ReturnPathFailed))
             }
+            Command::RecvBitmap(name) => {
+                if state.get() != State::Paused {
+                    return Err(wrong(state.get()));
+                }
+                let block = self.block_named(name, at, Field::RecvBitmapBlock)?;
+                let layout = self.layout().ok_or(wrong(State::Paused))?;
+                self.shared
+                    .send_recv_bitmap(layout, block)
+                    .map_err(|_| Error::new(at, Field::ReturnPath, Defect::ReturnPathFailed))?;
+                self.bitmaps_sent |= 1 << block;
+                Ok(())
+            }
+            Command::EnableColo => Err(Error::new(at, Field::CommandId, Defect::Unsupported)),
             Command::Unknown { cmd, .. } => {
                 Err(Error::new(at, Field::CommandId, Defect::Unknown { found: cmd.into() }))
             }

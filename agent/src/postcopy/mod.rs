@@ -4,6 +4,6 @@ mod engine;
 mod shared;
 mod state;
 
-pub use engine::{Engine, EngineConfig, Progress, Stats};
+pub use engine::{Break, Engine, EngineConfig, Progress, Stats};
 pub use shared::{Access, Fault, FaultCounters, FaultError, RpSender, Shared};
 pub use state::{State, StateCell};

@@ -9,7 +9,7 @@
 //! | `requested` bits | vCPUs: set by the first toucher of a missing page; cleared by a discard | faults | stream context after placing a page |
 //! | `parked[v]` | vCPU `v` stores the page it waits for; whoever wins the compare-exchange back to empty clears it (the stream context releasing `v`, or `v` finding its page arrived) | faults, page arrival | both |
 //! | `parkers` (bit `v`: vCPU `v` may be parked) | vCPU `v` only, its own bit: set before it parks, cleared when it resumes by itself | faults | stream context, to visit only those slots |
-//! | `rp` (return path, last requested block, whether a send failed) | both, under its lock | PONG/SHUT, page requests | - |
+//! | `rp` (return path, last requested block, whether a send failed) | both, under its lock | PONG/SHUT, page requests, the recovery handshake (a new port on reconnection) | - |
 //!
 //! # The end of a migration
 //!
@@ -22,6 +22,22 @@
 //! connection failing) is not an error either: the source sends every page in postcopy
 //! anyway, so the vCPU keeps waiting for it; if the stream ends first, the migration fails
 //! with the missing pages named.
+//!
+//! # Postcopy recovery
+//!
+//! When the connection breaks after RUN, the stream context moves RUNNING → PAUSED
+//! ([`Shared::pause`]). vCPUs go on faulting and parking as in RUNNING, and set their
+//! `requested` bits, but send nothing: [`Shared::request`] reads PAUSED under the return-path
+//! lock. A new connection gets a fresh port ([`Shared::reconnect`]). The source asks for each
+//! block's received bitmap, and [`Shared::send_recv_bitmap`] answers it from `received`. On
+//! POSTCOPY_RESUME, [`Shared::resume`] does three things in one hold of the return-path lock:
+//! it sends RESUME_ACK(1), sends a request for every page that is requested and not received,
+//! and moves PAUSED → RUNNING.
+//!
+//! A vCPU that set its `requested` bit before the scan has its page in the scan. A vCPU that
+//! takes the lock after the resume finds RUNNING and sends its own request. So no request is
+//! lost across a break. A page asked twice arrives once and is counted as a duplicate the
+//! second time. `tests/loom.rs` has the model.
 //!
 //! # Fault → wait → wake
 //!
@@ -54,7 +70,7 @@ use crate::config::{MAX_VCPUS, RP_MESSAGE_CAPACITY, TARGET_PAGE_SIZE};
 use crate::layout::Layout;
 use crate::ports::{PageWaiters, ReturnPath, SendFailed};
 use crate::sync::{fence, AtomicU64, Mutex, Ordering};
-use crate::wire::return_path::RpMessage;
+use crate::wire::return_path::{RpMessage, RECV_BITMAP_END_MARK};
 
 /// What a vCPU does after a stage-2 fault.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,12 +168,20 @@ pub struct FaultCounters {
     /// Page requests that could not be sent (the return path failed); their vCPUs waited for
     /// the pages to come in the stream.
     pub unsent_requests: AtomicU64,
+    /// Requests sent again at a postcopy resume (included in `requests`).
+    pub resent_requests: AtomicU64,
 }
 
 impl Default for FaultCounters {
     fn default() -> Self {
         let zero = || AtomicU64::new(0);
-        Self { faults: zero(), write_faults: zero(), requests: zero(), unsent_requests: zero() }
+        Self {
+            faults: zero(),
+            write_faults: zero(),
+            requests: zero(),
+            unsent_requests: zero(),
+            resent_requests: zero(),
+        }
     }
 }
 
@@ -323,7 +347,7 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
     pub fn on_guest_fault(&self, gpa: u64, access: Access, vcpu: usize) -> Result<Fault, FaultError> {
         let slot = self.parked.get(vcpu).ok_or(FaultError::NoSuchVcpu { vcpu })?;
         let state = self.state.get();
-        if !matches!(state, State::Listening | State::Running | State::End) {
+        if !matches!(state, State::Listening | State::Running | State::Paused | State::End) {
             return Err(FaultError::NotPostcopy { state });
         }
         let outside = FaultError::OutsideGuestRam { gpa };
@@ -377,14 +401,131 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
         self.rp.with(|rp| if rp.open { rp.send(RpMessage::Shut(0)) } else { Ok(()) })
     }
 
+    /// Stream context: the connection broke after RUN. RUNNING → PAUSED (a break during the
+    /// recovery handshake finds PAUSED already); `false` in any other state (the migration
+    /// then fails as before).
+    pub fn pause(&self) -> bool {
+        self.rp
+            .with(|_| self.state.transition_from_any(&[State::Running, State::Paused], State::Paused).is_ok())
+    }
+
+    /// Stream context: a new connection after a break; `port` is its return path. The source
+    /// forgets the last block of its requests, so the next request names its block.
+    pub fn reconnect(&self, port: R) {
+        self.rp.with(|rp| {
+            rp.port = port;
+            rp.last_block = None;
+            rp.broken = false;
+        });
+    }
+
+    /// Stream context, PAUSED: answers RECV_BITMAP for `block` with its received bitmap in
+    /// QEMU's encoding (the framed message, then `be64 size`, the little-endian words up to a
+    /// multiple of 8 bytes, `be64` end mark).
+    pub fn send_recv_bitmap(&self, layout: &Layout, block: usize) -> Result<(), SendFailed> {
+        let b = layout.blocks().get(block).ok_or(SendFailed)?;
+        let pages = b.pages();
+        let words = pages.div_ceil(64) as usize;
+        let received = self.received.get(b.first_word..b.first_word + words).ok_or(SendFailed)?;
+        self.rp.with(|rp| {
+            rp.send(RpMessage::RecvBitmap { block: &b.name })?;
+            rp.port.send(&(words as u64 * 8).to_be_bytes())?;
+            let mut chunk = [0u8; 512];
+            for (i, group) in received.chunks(chunk.len() / 8).enumerate() {
+                let mut n = 0;
+                for (j, word) in group.iter().enumerate() {
+                    let first_page = (i * chunk.len() / 8 + j) as u64 * 64;
+                    let in_block = pages - first_page;
+                    let valid = if in_block >= 64 { u64::MAX } else { (1u64 << in_block) - 1 };
+                    chunk[n..n + 8].copy_from_slice(&(word.load(Ordering::SeqCst) & valid).to_le_bytes());
+                    n += 8;
+                }
+                rp.port.send(&chunk[..n])?;
+            }
+            rp.port.send(&RECV_BITMAP_END_MARK.to_be_bytes())
+        })
+    }
+
+    /// Stream context, PAUSED, on POSTCOPY_RESUME: RESUME_ACK(1), a request for every page
+    /// requested and not received, and PAUSED → RUNNING, in one hold of the return-path lock
+    /// (see the module docs). Returns how many requests went out again.
+    pub fn resume(&self, layout: &Layout) -> Result<u64, SendFailed> {
+        self.rp.with(|rp| {
+            rp.send(RpMessage::ResumeAck(1))?;
+            let mut sent = 0;
+            for (index, b) in layout.blocks().iter().enumerate() {
+                let words = b.pages().div_ceil(64) as usize;
+                let (Some(received), Some(requested)) = (
+                    self.received.get(b.first_word..b.first_word + words),
+                    self.requested.get(b.first_word..b.first_word + words),
+                ) else {
+                    continue;
+                };
+                for (w, (rec, req)) in received.iter().zip(requested).enumerate() {
+                    let mut outstanding = req.load(Ordering::SeqCst) & !rec.load(Ordering::SeqCst);
+                    while outstanding != 0 {
+                        let bit = u64::from(outstanding.trailing_zeros());
+                        outstanding &= outstanding - 1;
+                        let start = (w as u64 * 64 + bit) * TARGET_PAGE_SIZE;
+                        if start >= b.len {
+                            continue;
+                        }
+                        let len = TARGET_PAGE_SIZE as u32;
+                        let msg = if rp.last_block == Some(index) {
+                            RpMessage::ReqPages { start, len }
+                        } else {
+                            RpMessage::ReqPagesId { start, len, block: &b.name }
+                        };
+                        rp.send(msg)?;
+                        rp.last_block = Some(index);
+                        sent += 1;
+                    }
+                }
+            }
+            self.counters.requests.fetch_add(sent, Ordering::Relaxed);
+            self.counters.resent_requests.fetch_add(sent, Ordering::Relaxed);
+            let _ = self.state.transition(State::Paused, State::Running);
+            Ok(sent)
+        })
+    }
+
+    /// Pages of `block` that have not arrived.
+    pub fn missing_pages(&self, layout: &Layout, block: usize) -> u64 {
+        let Some(b) = layout.blocks().get(block) else { return 0 };
+        let pages = b.pages();
+        let words = self.received.get(b.first_word..).into_iter().flatten().take(pages.div_ceil(64) as usize);
+        words
+            .enumerate()
+            .map(|(i, w)| {
+                let in_block = pages - 64 * i as u64;
+                let valid = if in_block >= 64 { u64::MAX } else { (1u64 << in_block) - 1 };
+                u64::from((!w.load(Ordering::SeqCst) & valid).count_ones())
+            })
+            .sum()
+    }
+
+    /// Pages requested and not received (what a resume would ask for again).
+    pub fn outstanding_requests(&self) -> u64 {
+        self.received
+            .iter()
+            .zip(self.requested)
+            .map(|(rec, req)| {
+                u64::from((req.load(Ordering::SeqCst) & !rec.load(Ordering::SeqCst)).count_ones())
+            })
+            .sum()
+    }
+
     /// Asks the source for a page; `false` if the migration has ended (SHUT has gone out or
     /// is about to: nothing may follow it, and the page has arrived).
     fn request(&self, layout: &Layout, block: usize, start: u64, len: u64) -> bool {
         self.rp.with(|rp| {
             // Read under the lock: the stream context moves to END before it sends SHUT under
             // this lock, so a request either precedes SHUT or sees END.
-            if self.state.get() == State::End {
-                return false;
+            match self.state.get() {
+                State::End => return false,
+                // The connection is down: the resume sends every outstanding request.
+                State::Paused => return true,
+                _ => {}
             }
             if !rp.open || rp.broken {
                 // No source to ask (a replay), or the connection failed: the page comes in

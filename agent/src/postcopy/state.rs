@@ -11,15 +11,19 @@
 //!   changes the state only through [`StateCell::transition`], a compare-exchange from the
 //!   state the command requires: NONE→ADVISE (ADVISE), ADVISE→DISCARD and DISCARD→DISCARD
 //!   (RAM_DISCARD), ADVISE|DISCARD→LISTENING (LISTEN), LISTENING→RUNNING (RUN),
-//!   RUNNING→END (final EOF; v5: POSTCOPY_END from any state but NONE). The check and the
+//!   RUNNING→END (final EOF; v5: POSTCOPY_END from any state but NONE), and for postcopy
+//!   recovery RUNNING→PAUSED (the connection broke after RUN; a break during the recovery
+//!   handshake leaves PAUSED as it is) and PAUSED→RUNNING (POSTCOPY_RESUME, under the
+//!   return-path lock, see `shared`). The check and the
 //!   change are one atomic step, so there is no window between "is the state right?" and
 //!   "set it" (the race the review found in the v5 `postcopy_state_get` + `_set` pair). A
 //!   failed exchange returns the actual state, which becomes the typed `WrongState` error.
 //! * **vCPU contexts** (exit handlers; in `postcopy-dest`, the simulated vCPU threads) only
 //!   **read** it, on a stage-2 fault, to decide whether a missing page may be requested
 //!   (LISTENING or RUNNING) or is a guest error (NONE: nothing was advised, no page can be
-//!   missing). They start running only after RUN, so the only transition they can observe is
-//!   RUNNING→END.
+//!   missing). They start running only after RUN, so the transitions they can observe are
+//!   RUNNING→END and RUNNING⇄PAUSED; in PAUSED a fault parks as in RUNNING, but its request
+//!   waits for the resume (it is sent then, with every other outstanding one).
 //! * **Ordering**: transitions use `AcqRel` and reads `Acquire`. Everything the stream context
 //!   did before RUN (the discards that cleared `received` bits, the block table) happens
 //!   before the RUNNING store; a vCPU that reads RUNNING therefore sees all of it. Pages that
@@ -46,6 +50,9 @@ pub enum State {
     Running = 4,
     /// The final EOF (or v5 POSTCOPY_END) was received.
     End = 5,
+    /// The connection broke after RUN: the vCPUs run and wait for missing pages until a new
+    /// connection completes the recovery handshake (QEMU's `postcopy-paused`).
+    Paused = 6,
 }
 
 impl State {
@@ -57,6 +64,7 @@ impl State {
             3 => Self::Listening,
             4 => Self::Running,
             5 => Self::End,
+            6 => Self::Paused,
             _ => Self::None,
         }
     }
@@ -70,6 +78,7 @@ impl State {
             Self::Listening => "LISTENING",
             Self::Running => "RUNNING",
             Self::End => "END",
+            Self::Paused => "PAUSED",
         }
     }
 }
@@ -133,6 +142,9 @@ mod tests {
         );
         assert_eq!(s.get(), State::Listening);
         assert_eq!(s.transition(State::Listening, State::Running), Ok(()));
+        assert_eq!(s.transition(State::Running, State::Paused), Ok(()));
+        assert_eq!(s.transition(State::Running, State::End), Err(State::Paused));
+        assert_eq!(s.transition(State::Paused, State::Running), Ok(()));
         assert_eq!(s.transition(State::Running, State::End), Ok(()));
         assert_eq!(s.get().name(), "END");
     }

@@ -97,7 +97,19 @@ pub enum RpMessage<'a> {
         /// Bytes.
         len: u32,
     },
+    /// RECV_BITMAP: the framed part (the block name). The bitmap follows outside the frame:
+    /// `be64 size`, `size` bytes (little-endian u64 words, bit i of word w = page 64w+i),
+    /// `be64` [`RECV_BITMAP_END_MARK`].
+    RecvBitmap {
+        /// RAMBlock idstr.
+        block: &'a [u8],
+    },
+    /// RESUME_ACK(value): ready to resume (QEMU sends 1).
+    ResumeAck(u32),
 }
+
+/// The end mark after a received bitmap (`RAMBLOCK_RECV_BITMAP_ENDING`).
+pub const RECV_BITMAP_END_MARK: u64 = 0x0123_4567_89ab_cdef;
 
 impl<'a> RpMessage<'a> {
     /// Writes the message; `None` if `out` is too short or the block name is not 1..=255 bytes.
@@ -117,6 +129,8 @@ impl<'a> RpMessage<'a> {
                 pw.put(PageRange { start: U64::new(start), len: U32::new(len) }.as_bytes())?;
                 RpType::ReqPages
             }
+            Self::RecvBitmap { block } => pw.put_counted(block).map(|_| RpType::RecvBitmap)?,
+            Self::ResumeAck(v) => pw.put(&v.to_be_bytes()).map(|_| RpType::ResumeAck)?,
         };
         let n = pw.len();
         let header = RpHeader { kind: U16::new(kind.to_wire()), len: U16::new(n as u16) };
@@ -125,8 +139,9 @@ impl<'a> RpMessage<'a> {
         Some(w.len())
     }
 
-    /// Parses a message as the 7.2 source's return-path reader does: type 1..=4 with the
-    /// exact lengths, payload at most 512 bytes. (The source uses this; so do our tests.)
+    /// Parses a message as the 7.2 source's return-path reader does: type 1..=6 with the
+    /// exact lengths, payload at most 512 bytes (for RECV_BITMAP only its framed part: the
+    /// caller reads the bitmap after it). (The source uses this; so do our tests.)
     pub fn parse(buf: &'a [u8]) -> ParseResult<Self> {
         let h: &RpHeader = match view(buf) {
             Ok(h) => h,
@@ -143,9 +158,14 @@ impl<'a> RpMessage<'a> {
         let bad = |expected: u64| (Field::ReturnPath, Defect::BadValue { found: len as u64, expected });
         let be32 = |p: &[u8]| u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
         let msg = match RpType::from_wire(h.kind.get()) {
-            RpType::Shut | RpType::Pong if len != 4 => return Err(bad(4)),
+            RpType::Shut | RpType::Pong | RpType::ResumeAck if len != 4 => return Err(bad(4)),
             RpType::Shut => Self::Shut(be32(payload)),
             RpType::Pong => Self::Pong(be32(payload)),
+            RpType::ResumeAck => Self::ResumeAck(be32(payload)),
+            RpType::RecvBitmap => match counted_str(payload, 0, Field::ReturnPath)? {
+                Ok((block, end)) if end == len => Self::RecvBitmap { block },
+                _ => return Err(bad(1 + u64::from(payload.first().copied().unwrap_or(1)))),
+            },
             RpType::ReqPages | RpType::ReqPagesId => {
                 let range: &PageRange = view(payload).map_err(|_| bad(12))?;
                 let (start, rlen) = (range.start.get(), range.len.get());
@@ -175,7 +195,9 @@ mod tests {
 
     #[test]
     fn messages_as_observed_with_real_qemu() {
-        let cases: [(&[u8], RpMessage<'_>); 4] = [
+        let cases: [(&[u8], RpMessage<'_>); 6] = [
+            (b"\x00\x05\x00\x07\x06pc.ram", RpMessage::RecvBitmap { block: b"pc.ram" }),
+            (b"\x00\x06\x00\x04\x00\x00\x00\x01", RpMessage::ResumeAck(1)),
             (b"\x00\x01\x00\x04\x00\x00\x00\x00", RpMessage::Shut(0)),
             (b"\x00\x02\x00\x04\x00\x00\x00\x03", RpMessage::Pong(3)),
             (
