@@ -176,12 +176,14 @@ impl Decoder {
         self.package_left = None;
     }
 
-    /// The `ram` section a break cut open (its footer never came), if any.
-    pub const fn open_ram_section(&self) -> Option<u32> {
+    /// The `ram` section a break cut open (its footer never came), if any, and whether its
+    /// EOS record was read (only the footer is missing).
+    pub const fn open_ram_section(&self) -> Option<(u32, bool)> {
         match self.expect {
-            Expect::RamBody { section_id, .. }
-            | Expect::PagePayload { section_id, .. }
-            | Expect::Footer { section_id } => Some(section_id),
+            Expect::RamBody { section_id, .. } | Expect::PagePayload { section_id, .. } => {
+                Some((section_id, false))
+            }
+            Expect::Footer { section_id } => Some((section_id, true)),
             _ => None,
         }
     }

@@ -75,6 +75,8 @@ pub struct DestOptions {
     pub stage2: Option<String>,
     /// `--guest-writes`: the vCPUs also write guest memory.
     pub guest_writes: bool,
+    /// `--recover-timeout SECS`: how long to wait for the source after a break.
+    pub recover_timeout: Option<u64>,
 }
 
 impl DestOptions {
@@ -108,6 +110,10 @@ impl DestOptions {
         }
         if self.guest_writes {
             args.push("--guest-writes".to_string());
+        }
+        if let Some(t) = self.recover_timeout {
+            args.push("--recover-timeout".to_string());
+            args.push(t.to_string());
         }
         args
     }

@@ -24,6 +24,7 @@ pub mod pattern_guest;
 pub mod process;
 pub mod qmp;
 pub mod ram;
+pub mod recovery;
 pub mod relay;
 pub mod scenario;
 pub mod source;

@@ -53,6 +53,8 @@ pub struct Break {
     pub offset: u64,
     /// The `ram` section the break cut open, if any (its footer never came).
     pub open_ram_section: Option<u32>,
+    /// That section's EOS record was read: only its footer is missing.
+    pub eos_read: bool,
     /// Pages of guest RAM not received yet.
     pub missing_pages: u64,
 }
@@ -188,17 +190,23 @@ impl<'s, 'a, 'c, R: ReturnPath, P: StreamPorts> Engine<'s, 'a, 'c, R, P> {
     pub fn connection_lost(&mut self) -> Result<Break, Error> {
         if self.core.failed.is_none() && !self.core.finished && self.core.shared.pause() {
             self.core.page = None;
-            let open_ram_section = self.decoder.open_ram_section();
+            let open = self.decoder.open_ram_section();
             self.decoder.resume_after_break();
             let missing = self
                 .core
                 .layout()
                 .map_or(0, |l| (0..l.blocks().len()).map(|b| self.core.shared.missing_pages(l, b)).sum());
-            return Ok(Break { offset: self.core.boundary, open_ram_section, missing_pages: missing });
+            return Ok(Break {
+                offset: self.core.boundary,
+                open_ram_section: open.map(|(id, _)| id),
+                eos_read: open.is_some_and(|(_, eos)| eos),
+                missing_pages: missing,
+            });
         }
         self.end_of_input().map(|_| Break {
             offset: self.core.boundary,
             open_ram_section: None,
+            eos_read: false,
             missing_pages: 0,
         })
     }

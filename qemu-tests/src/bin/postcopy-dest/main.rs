@@ -4,8 +4,15 @@
 //! postcopy-dest (--listen unix:PATH | --listen tcp:HOST:PORT | --input FILE)
 //!               [--dump-dir DIR] [--touch random|seq] [--vcpus N] [--stage2 ept|npt]
 //!               [--record FILE] [--dialect qemu72|v5] [--machine NAME] [--seed N]
-//!               [--guest-writes]
+//!               [--guest-writes] [--recover-timeout SECS]
 //! ```
+//!
+//! Postcopy recovery: when the connection breaks after RUN, the migration pauses (the pages
+//! that arrived stay, vCPUs that need a missing page wait), `postcopy-dest` prints on stderr
+//! that it is paused, at which stream offset and with how many pages missing, and listens
+//! again on the same `--listen` address. The source resumes with QMP `migrate uri=...
+//! resume=true`. It gives up after `--recover-timeout SECS` (default: it waits) with a one-line
+//! error. A break before RUN ends the migration as a failure, as a replayed file's end does.
 //!
 //! It accepts one connection from a QEMU source (the return path is the same connection) or
 //! replays a recorded stream, runs the agent's engine over host memory behind a real EPT (or
@@ -53,6 +60,8 @@ struct Args {
     seed: u64,
     npt: bool,
     guest_writes: bool,
+    /// How long to wait for the source to come back after a break; `None`: for ever.
+    recover_timeout: Option<std::time::Duration>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -68,6 +77,7 @@ fn parse_args() -> Result<Args, String> {
         seed: 1,
         npt: false,
         guest_writes: false,
+        recover_timeout: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -114,6 +124,10 @@ fn parse_args() -> Result<Args, String> {
             }
             "--seed" => args.seed = value()?.parse().map_err(|_| "--seed: a number")?,
             "--guest-writes" => args.guest_writes = true,
+            "--recover-timeout" => {
+                let secs: f64 = value()?.parse().map_err(|_| "--recover-timeout: seconds")?;
+                args.recover_timeout = Some(std::time::Duration::from_secs_f64(secs.max(0.0)));
+            }
             "-h" | "--help" => {
                 println!("{}", USAGE);
                 std::process::exit(0);
@@ -127,39 +141,96 @@ fn parse_args() -> Result<Args, String> {
 
 const USAGE: &str = "usage: postcopy-dest (--listen unix:PATH | --listen tcp:HOST:PORT | --input FILE) \
 [--dump-dir DIR] [--touch random|seq] [--vcpus N] [--stage2 ept|npt] [--record FILE] [--dialect qemu72|v5] \
-[--machine NAME] [--seed N] [--guest-writes]";
+[--machine NAME] [--seed N] [--guest-writes] [--recover-timeout SECS]";
 
 /// The byte source and, for a connection, its write half for the return path.
 type Connection = (Box<dyn Read + Send>, Option<Box<dyn Write + Send>>);
 
-fn connect(source: &Source) -> Result<Connection, String> {
-    match source {
-        Source::Unix(path) => {
-            // Bound (and listening) under a temporary name, then renamed: the socket appears
-            // at PATH only once a connect there succeeds, so a caller may wait for the file.
-            let _ = std::fs::remove_file(path);
-            let mut tmp = path.as_os_str().to_owned();
-            tmp.push(format!(".{}", std::process::id()));
-            let _ = std::fs::remove_file(&tmp);
-            let listener = UnixListener::bind(&tmp).map_err(|e| format!("bind {}: {e}", path.display()))?;
-            std::fs::rename(&tmp, path).map_err(|e| format!("rename to {}: {e}", path.display()))?;
-            let (stream, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-            let rp = stream.try_clone().map_err(|e| format!("clone socket: {e}"))?;
-            Ok((Box::new(stream), Some(Box::new(rp))))
-        }
-        Source::Tcp(addr) => {
-            let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
-            let (stream, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-            stream.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
-            let rp = stream.try_clone().map_err(|e| format!("clone socket: {e}"))?;
-            Ok((Box::new(stream), Some(Box::new(rp))))
-        }
-        Source::File(path) => {
-            let file = File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
-            // Read straight into the ring: one copy, like the transport's receive buffers.
-            Ok((Box::new(file), None))
+/// Where connections come from: a listening socket (kept for the reconnections of a
+/// postcopy recovery) or a replayed file.
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+    File(PathBuf),
+}
+
+impl Listener {
+    fn bind(source: &Source) -> Result<Self, String> {
+        Ok(match source {
+            Source::Unix(path) => {
+                // Bound (and listening) under a temporary name, then renamed: the socket
+                // appears at PATH only once a connect there succeeds, so a caller may wait
+                // for the file.
+                let _ = std::fs::remove_file(path);
+                let mut tmp = path.as_os_str().to_owned();
+                tmp.push(format!(".{}", std::process::id()));
+                let _ = std::fs::remove_file(&tmp);
+                let listener =
+                    UnixListener::bind(&tmp).map_err(|e| format!("bind {}: {e}", path.display()))?;
+                std::fs::rename(&tmp, path).map_err(|e| format!("rename to {}: {e}", path.display()))?;
+                Listener::Unix(listener)
+            }
+            Source::Tcp(addr) => {
+                Listener::Tcp(TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?)
+            }
+            Source::File(path) => Listener::File(path.clone()),
+        })
+    }
+
+    /// The next connection; `Ok(None)` when none came before `deadline`.
+    fn accept(&self, deadline: Option<Instant>) -> Result<Option<Connection>, String> {
+        let wait = |nonblocking: &dyn Fn(bool) -> std::io::Result<()>| {
+            nonblocking(deadline.is_some()).map_err(|e| format!("listen: {e}"))
+        };
+        loop {
+            let accepted = match self {
+                Listener::Unix(l) => {
+                    wait(&|b| l.set_nonblocking(b))?;
+                    l.accept().and_then(|(s, _)| {
+                        s.set_nonblocking(false)?;
+                        let rp = s.try_clone()?;
+                        Ok((Box::new(s) as Box<dyn Read + Send>, Some(Box::new(rp) as Box<dyn Write + Send>)))
+                    })
+                }
+                Listener::Tcp(l) => {
+                    wait(&|b| l.set_nonblocking(b))?;
+                    l.accept().and_then(|(s, _)| {
+                        s.set_nonblocking(false)?;
+                        s.set_nodelay(true)?;
+                        let rp = s.try_clone()?;
+                        Ok((Box::new(s) as Box<dyn Read + Send>, Some(Box::new(rp) as Box<dyn Write + Send>)))
+                    })
+                }
+                Listener::File(path) => {
+                    // Read straight into the ring: one copy, like the transport's receive
+                    // buffers.
+                    let file = File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+                    return Ok(Some((Box::new(file), None)));
+                }
+            };
+            match accepted {
+                Ok(c) => return Ok(Some(c)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Ok(None);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(format!("accept: {e}")),
+            }
         }
     }
+
+    /// Whether a broken connection can be followed by another (not a replayed file).
+    fn can_reconnect(&self) -> bool {
+        !matches!(self, Listener::File(_))
+    }
+}
+
+/// A break the migration recovered from.
+struct Recovered {
+    brk: agent::postcopy::Break,
+    paused_seconds: f64,
 }
 
 struct Outcome {
@@ -170,8 +241,10 @@ struct Outcome {
     faults: u64,
     requests: u64,
     unsent_requests: u64,
+    resent_requests: u64,
     invalidations: u64,
     vcpus: Vec<VcpuReport>,
+    breaks: Vec<Recovered>,
 }
 
 fn run(args: &Args) -> Result<Outcome, String> {
@@ -183,15 +256,12 @@ fn run(args: &Args) -> Result<Outcome, String> {
 }
 
 fn run_on<F: Format>(args: &Args) -> Result<Outcome, String> {
-    let (input, rp) = connect(&args.source)?;
+    let listener = Listener::bind(&args.source)?;
+    let (input, rp) = listener.accept(None)?.ok_or("no connection")?;
     let started = Instant::now();
-    let record = match &args.record {
-        Some(p) => Some(File::create(p).map_err(|e| format!("create {}: {e}", p.display()))?),
-        None => None,
-    };
     let received = page_bitmap(MAX_GUEST_RAM);
     let requested = page_bitmap(MAX_GUEST_RAM);
-    let shared = Shared::new(&received, &requested, SocketReturnPath(rp));
+    let shared = Shared::new(&received, &requested, SocketReturnPath(None));
     let table = SharedTable::<F>::default();
     let wakeups = Wakeups::new(args.vcpus);
     let config = EngineConfig { dialect: args.dialect, machine: args.machine.as_deref().map(str::as_bytes) };
@@ -208,7 +278,7 @@ fn run_on<F: Format>(args: &Args) -> Result<Outcome, String> {
             })
             .collect();
         let describe = |e: agent::Error| describe(e, &shared);
-        let result = receive(&mut engine, input, record, &describe);
+        let result = receive_all(&mut engine, &shared, &listener, (input, rp), args, &describe);
         stop.store(true, Ordering::Release);
         let vcpus: Result<Vec<_>, String> = handles
             .into_iter()
@@ -216,7 +286,7 @@ fn run_on<F: Format>(args: &Args) -> Result<Outcome, String> {
             .collect();
         (result, vcpus)
     });
-    result?;
+    let breaks = result?;
     let seconds = started.elapsed().as_secs_f64();
     let vcpus = vcpus?;
     // Every vCPU has stopped: guest memory is still. (Without a block list no vCPU ran.)
@@ -237,9 +307,76 @@ fn run_on<F: Format>(args: &Args) -> Result<Outcome, String> {
         faults: shared.counters.faults.load(Ordering::Relaxed),
         requests: shared.counters.requests.load(Ordering::Relaxed),
         unsent_requests: shared.counters.unsent_requests.load(Ordering::Relaxed),
+        resent_requests: shared.counters.resent_requests.load(Ordering::Relaxed),
         invalidations: table.invalidations(),
         vcpus,
+        breaks,
     })
+}
+
+/// `--record FILE` for connection `n`: FILE for the first, FILE.resumeN after the N-th break.
+fn record_file(args: &Args, n: usize) -> Result<Option<File>, String> {
+    let Some(p) = &args.record else { return Ok(None) };
+    let path = if n == 0 { p.clone() } else { PathBuf::from(format!("{}.resume{n}", p.display())) };
+    File::create(&path).map(Some).map_err(|e| format!("create {}: {e}", path.display()))
+}
+
+/// Feeds the engine from connection after connection until the migration completes: a break
+/// after RUN pauses it and the next connection resumes it (postcopy recovery).
+fn receive_all<F: Format>(
+    engine: &mut Engine<'_, '_, '_, SocketReturnPath<Box<dyn Write + Send>>, HostPorts<'_, F>>,
+    shared: &Shared<'_, SocketReturnPath<Box<dyn Write + Send>>>,
+    listener: &Listener,
+    first: Connection,
+    args: &Args,
+    describe: &dyn Fn(agent::Error) -> String,
+) -> Result<Vec<Recovered>, String> {
+    let mut breaks = Vec::new();
+    let (mut input, rp) = first;
+    shared.reconnect(SocketReturnPath(rp));
+    loop {
+        let cut = match receive(engine, input, record_file(args, breaks.len())?, describe)? {
+            Ended::Complete => return Ok(breaks),
+            Ended::Cut(why) => why,
+        };
+        if !listener.can_reconnect() {
+            return engine.end_of_input().map(|_| breaks).map_err(describe);
+        }
+        let brk = engine.connection_lost().map_err(describe)?;
+        let paused = Instant::now();
+        let until = match args.recover_timeout {
+            Some(t) => format!("for {:.0} s (--recover-timeout)", t.as_secs_f64()),
+            None => "until it does (no --recover-timeout)".into(),
+        };
+        eprintln!(
+            "postcopy-dest: connection lost after RUN ({cut}): PAUSED at stream offset {} with {} pages missing; \
+             listening again for the source's resume (QMP: migrate uri=... resume=true) {until}",
+            brk.offset, brk.missing_pages
+        );
+        let Some((next, rp)) = listener.accept(args.recover_timeout.map(|t| paused + t))? else {
+            let missing = brk.missing_pages;
+            return Err(format!(
+                "the source did not come back within {:.0} s of the break: the migration is PAUSED with {missing} pages missing",
+                args.recover_timeout.unwrap_or_default().as_secs_f64()
+            ));
+        };
+        eprintln!(
+            "postcopy-dest: the source reconnected after {:.3} s: resuming",
+            paused.elapsed().as_secs_f64()
+        );
+        shared.reconnect(SocketReturnPath(rp));
+        engine.reconnected();
+        breaks.push(Recovered { brk, paused_seconds: paused.elapsed().as_secs_f64() });
+        input = next;
+    }
+}
+
+/// How one connection's input ended.
+enum Ended {
+    /// The migration completed.
+    Complete,
+    /// The connection ended (end of file or a read error) before that.
+    Cut(String),
 }
 
 /// The one-line error for a stream error, with the block's name where it names a block.
@@ -315,7 +452,7 @@ fn receive<R: agent::ports::ReturnPath, F: Format>(
     input: Box<dyn Read + Send>,
     record: Option<File>,
     describe: &dyn Fn(agent::Error) -> String,
-) -> Result<(), String> {
+) -> Result<Ended, String> {
     let (full, recycled) = spawn_reader(input, record);
     // The unconsumed end of the previous buffer: at most a record header (payload bytes are
     // always consumed as they come).
@@ -323,12 +460,8 @@ fn receive<R: agent::ports::ReturnPath, F: Format>(
     for chunk in full.iter() {
         let chunk = match chunk {
             Ok(c) => c,
-            Err(e) => {
-                // The stream is cut: the engine ends it (flushing, SHUT(1)); the read error
-                // is the one to report.
-                let _ = engine.end_of_input();
-                return Err(e);
-            }
+            // The stream is cut: the caller pauses the migration or ends it.
+            Err(e) => return Ok(Ended::Cut(e)),
         };
         if chunk.is_empty() {
             break;
@@ -342,7 +475,7 @@ fn receive<R: agent::ports::ReturnPath, F: Format>(
             }
             .map_err(describe)?;
             if p.finished {
-                return Ok(());
+                return Ok(Ended::Complete);
             }
             let from_carry = p.consumed.min(carry.len());
             carry.drain(..from_carry);
@@ -358,10 +491,11 @@ fn receive<R: agent::ports::ReturnPath, F: Format>(
     loop {
         let p = engine.receive(&carry, &[]).map_err(describe)?;
         if p.finished {
-            return Ok(());
+            return Ok(Ended::Complete);
         }
         if p.consumed == 0 {
-            return engine.end_of_input().map(drop).map_err(describe);
+            // The end of input with a record cut (or none): the caller decides.
+            return Ok(Ended::Cut("end of file".into()));
         }
         carry.drain(..p.consumed);
     }
@@ -457,6 +591,14 @@ fn main() {
                 "duplicate_pages": s.duplicate_pages,
                 "page_requests": o.requests,
                 "unsent_requests": o.unsent_requests,
+                "resent_requests": o.resent_requests,
+                "breaks": o.breaks.iter().map(|b| serde_json::json!({
+                    "offset": b.brk.offset,
+                    "open_ram_section": b.brk.open_ram_section,
+                    "eos_read": b.brk.eos_read,
+                    "missing_pages": b.brk.missing_pages,
+                    "paused_seconds": b.paused_seconds,
+                })).collect::<Vec<_>>(),
                 "faults": o.faults,
                 "vcpu_waits": waits,
                 "guest_reads_checked": o.vcpus.iter().map(|v| v.reads.len()).sum::<usize>(),
