@@ -144,7 +144,6 @@ pub fn run(dest_bin: &Path, r: &Recovery) -> Result<Outcome> {
     if !outcome.status.success() || summary["state"] != "END" {
         bail!("postcopy-dest did not complete: {summary}; stderr: {stderr}");
     }
-    drop(relay);
     for relay in relays {
         relay.finish(Duration::from_secs(20))?;
     }
