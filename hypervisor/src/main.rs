@@ -140,23 +140,18 @@ extern "C" fn kmain(info: u32, magic: u32) -> ! {
 fn start<V: hal::virt::Vcpu>(make: impl FnOnce(u64) -> (V, V::Invalidate), opts: run::Options) -> ! {
     use core::fmt::Write;
     match vsock::probe() {
-        Ok(Some((stream, rp))) => run::migrate(make, stream, rp, "vsock", opts),
+        Ok(Some((stream, rp))) => run::migrate(make, stream, move || rp, "vsock", opts),
         Ok(None) => {
-            // SAFETY: COM1 is the stream's 16550; this is its only set-up, and the two handles
-            // are used from the one main loop.
-            let (uart, tx) = unsafe {
-                (hal::serial::Uart::init(hal::serial::COM1), hal::serial::Uart::attach(hal::serial::COM1))
-            };
+            // SAFETY: COM1 is the stream's 16550; this is its only set-up.
+            let uart = unsafe { hal::serial::Uart::init(hal::serial::COM1) };
             static mut RING_BUF: [u8; transport::RING_BYTES] = [0; transport::RING_BYTES];
             // SAFETY: borrowed here once, for the rest of the run.
             let ring = transport::Ring::new(unsafe { &mut *core::ptr::addr_of_mut!(RING_BUF) });
-            run::migrate(
-                make,
-                transport::Serial { ring, uart },
-                transport::SerialReturnPath(tx),
-                "COM1",
-                opts,
-            )
+            // COM1's transmitter, for the return path. COM1 has no connections to lose, so
+            // this is called once (the engine asks for a new return path only on a reconnection).
+            // SAFETY: the UART was set up above; the handle is used from the main loop only.
+            let rp = || transport::SerialReturnPath(unsafe { hal::serial::Uart::attach(hal::serial::COM1) });
+            run::migrate(make, transport::Serial { ring, uart }, rp, "COM1", opts)
         }
         Err(e) => {
             let _ = writeln!(

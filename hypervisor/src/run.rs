@@ -98,11 +98,11 @@ struct StreamClock {
 pub fn migrate<V: Vcpu, S: StreamIn, R: ReturnPath>(
     make: impl FnOnce(u64) -> (V, V::Invalidate),
     mut stream: S,
-    rp: R,
+    rp: impl Fn() -> R,
     transport: &'static str,
     opts: Options,
 ) -> ! {
-    let shared = Shared::new(&RECEIVED, &REQUESTED, rp);
+    let shared = Shared::new(&RECEIVED, &REQUESTED, rp());
     // SAFETY: the slab is used by this one table only.
     let slab = unsafe { &mut *core::ptr::addr_of_mut!(TABLE_SLAB) };
     let table =
@@ -123,25 +123,54 @@ pub fn migrate<V: Vcpu, S: StreamIn, R: ReturnPath>(
     let mut clock = StreamClock::default();
     let mut arrival: Option<u64> = None;
     let mut run_until: Option<u64> = None;
-    let mut closed = false;
+    let mut breaks: heapless::Vec<Recovered, 8> = heapless::Vec::new();
+    let mut paused_since: Option<u64> = None;
     // The harness waits for this line before it connects (COM1's set-up resets its FIFO).
     let _ = writeln!(Console, "waiting for the migration stream on {transport}");
     defmt::info!("waiting for the migration stream on {=str}", transport);
     loop {
         let poll = stream.poll();
         if !engine.finished() {
-            match poll {
+            let cut = match poll {
                 Poll::Data => {
                     clock.first_byte.get_or_insert_with(hal::cpu::rdtsc);
-                    receive(&mut engine, &mut stream, &shared, V::VENDOR, opts.at_end);
+                    let consumed = receive(&mut engine, &mut stream, &shared, V::VENDOR, opts.at_end);
+                    // A record the break cut short stays unconsumed: that is the end of it.
+                    consumed == 0 && stream.closed()
                 }
-                Poll::Closed if !closed => {
-                    closed = true;
-                    if let Err(e) = engine.end_of_input() {
-                        report_error(V::VENDOR, &e, &shared, engine.stats().bytes, opts.at_end);
+                Poll::Closed => true,
+                Poll::Reconnected => {
+                    shared.reconnect(rp());
+                    engine.reconnected();
+                    if let (Some(since), Some(last)) = (paused_since.take(), breaks.last_mut()) {
+                        last.paused_cycles = hal::cpu::rdtsc() - since;
                     }
+                    defmt::info!("postcopy recovery: the source reconnected; resuming");
+                    false
                 }
-                _ => {}
+                Poll::Nothing => false,
+            };
+            if cut && paused_since.is_none() {
+                match engine.connection_lost() {
+                    Ok(brk) if stream.listen_again() => {
+                        defmt::info!(
+                            "postcopy recovery: connection lost after RUN: PAUSED at stream offset {=u64}, {=u64} pages missing; listening again",
+                            brk.offset,
+                            brk.missing_pages
+                        );
+                        paused_since = Some(hal::cpu::rdtsc());
+                        let _ = breaks.push(Recovered { brk, paused_cycles: 0 });
+                    }
+                    Ok(_) => {
+                        let e = agent::Error::new(
+                            brk_offset(&engine),
+                            agent::Field::EndOfStream,
+                            agent::Defect::Truncated,
+                        );
+                        report_error(V::VENDOR, &e, &shared, engine.stats().bytes, opts.at_end)
+                    }
+                    Err(e) => report_error(V::VENDOR, &e, &shared, engine.stats().bytes, opts.at_end),
+                }
             }
             if engine.finished() {
                 let now = hal::cpu::rdtsc();
@@ -343,6 +372,7 @@ pub fn migrate<V: Vcpu, S: StreamIn, R: ReturnPath>(
             let written = unsafe { &mut *core::ptr::addr_of_mut!(WRITTEN) };
             written_pages(table, shared.layout(), written);
             let report = Report {
+                breaks: &breaks,
                 vendor: V::VENDOR,
                 transport,
                 stats,
@@ -361,29 +391,43 @@ pub fn migrate<V: Vcpu, S: StreamIn, R: ReturnPath>(
     }
 }
 
+/// A break of the connection the migration recovered from (or is waiting to).
+struct Recovered {
+    brk: agent::postcopy::Break,
+    /// TSC cycles until the source reconnected (0 while it has not).
+    paused_cycles: u64,
+}
+
+/// The stream offset the engine has reached (for an error at a break that cannot recover).
+fn brk_offset<P: agent::ports::StreamPorts, R: ReturnPath>(engine: &Engine<'_, '_, '_, R, P>) -> u64 {
+    engine.stats().bytes
+}
+
 /// Hands the transport's bytes to the engine; joins pieces when it is stuck on a record spread
-/// over more than two.
+/// over more than two. Returns the bytes consumed.
 fn receive<P: agent::ports::StreamPorts, S: StreamIn, R: ReturnPath>(
     engine: &mut Engine<'_, '_, '_, R, P>,
     stream: &mut S,
     shared: &Shared<'_, R>,
     vendor: &str,
     at_end: AtEnd,
-) {
+) -> usize {
+    let mut total = 0;
     loop {
         let (first, second) = stream.readable();
         let waiting = first.len() + second.len();
         if waiting == 0 {
-            return;
+            return total;
         }
         match engine.receive(first, second) {
             Ok(p) => {
                 stream.consume(p.consumed);
+                total += p.consumed;
                 if p.finished {
-                    return;
+                    return total;
                 }
                 if p.consumed == 0 && !stream.stuck() {
-                    return;
+                    return total;
                 }
             }
             Err(e) => report_error(vendor, &e, shared, engine.stats().bytes, at_end),
@@ -472,6 +516,7 @@ impl Written {
 
 /// Everything the final report says.
 struct Report<'a> {
+    breaks: &'a [Recovered],
     vendor: &'a str,
     transport: &'a str,
     stats: agent::postcopy::Stats,
@@ -550,6 +595,25 @@ impl Report<'_> {
             }
         }
         let _ = write!(w, ",\"guest_kind\":\"{}\"", guest.kind.map_or("none", |k| k.name()));
+        let _ = write!(w, ",\"breaks\":[");
+        for (i, b) in self.breaks.iter().enumerate() {
+            let section = b.brk.open_ram_section.map_or(-1, i64::from);
+            let _ = write!(
+                w,
+                "{}{{\"offset\":{},\"open_ram_section\":{},\"eos_read\":{},\"missing_pages\":{},\"paused_ms\":{}}}",
+                if i == 0 { "" } else { "," },
+                b.brk.offset,
+                section,
+                b.brk.eos_read,
+                b.brk.missing_pages,
+                latency::ns(b.paused_cycles) / 1_000_000
+            );
+        }
+        let _ = write!(
+            w,
+            "],\"resent_requests\":{}",
+            shared.counters.resent_requests.load(agent::sync::Ordering::Relaxed)
+        );
         match self.probe {
             Some(v) => {
                 let _ = write!(w, ",\"probe_value\":{v}");

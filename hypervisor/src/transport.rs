@@ -24,6 +24,9 @@ pub enum Poll {
     Nothing,
     /// The source closed the connection, and every byte was read.
     Closed,
+    /// After [`StreamIn::listen_again`]: a new connection for the migration (a postcopy
+    /// recovery); its bytes follow.
+    Reconnected,
 }
 
 /// The receive side of the stream's transport, as the main loop drives it.
@@ -39,6 +42,16 @@ pub trait StreamIn {
     fn stuck(&mut self) -> bool;
     /// The migration is over: end the connection from this side.
     fn finish(&mut self);
+    /// The connection broke after RUN: accept the source's next one (postcopy recovery);
+    /// false if this transport cannot (COM1 has no connections).
+    fn listen_again(&mut self) -> bool {
+        false
+    }
+    /// The source closed the connection (bytes may still wait, a record cut short among
+    /// them).
+    fn closed(&self) -> bool {
+        false
+    }
     /// The raw-rate sink's measurement: (bytes, TSC cycles), if the transport has one and it
     /// ran.
     fn sink(&self) -> Option<(u64, u64)> {

@@ -60,6 +60,10 @@ pub struct Vsock {
     pub sink_result: Option<SinkResult>,
     migration_closed: bool,
     migration_bytes: u64,
+    /// After a break: the next migration connection is a reconnection.
+    awaiting_reconnect: bool,
+    reconnected: bool,
+    was_reconnection: bool,
     /// Packets refused (malformed, stray).
     pub refused: u64,
 }
@@ -111,6 +115,9 @@ pub fn probe() -> Result<Option<(Vsock, VsockReturnPath)>, BringUpError> {
         sink_result: None,
         migration_closed: false,
         migration_bytes: 0,
+        awaiting_reconnect: false,
+        reconnected: false,
+        was_reconnection: false,
         refused: 0,
     };
     Ok(Some((vsock, VsockReturnPath(tx))))
@@ -127,6 +134,11 @@ impl Vsock {
         if let Some(port) = ev.accepted {
             self.open = if port == SINK_PORT { Open::Sink } else { Open::Migration };
             self.sink = Sink::default();
+            self.was_reconnection = self.open == Open::Migration && self.awaiting_reconnect;
+            if self.was_reconnection {
+                self.awaiting_reconnect = false;
+                self.reconnected = true;
+            }
             defmt::info!("vsock: connection accepted on port {=u32}", port);
         }
     }
@@ -191,11 +203,18 @@ impl StreamIn for Vsock {
                 let mut tx = Self::tx();
                 self.rx.reset(&mut tx);
                 self.open = Open::None;
+                if self.was_reconnection {
+                    self.awaiting_reconnect = true;
+                    self.reconnected = false;
+                }
             } else if ev.closed {
                 self.migration_closed = true;
             }
         }
-        if self.rx.available() > 0 {
+        if self.reconnected {
+            self.reconnected = false;
+            Poll::Reconnected
+        } else if self.rx.available() > 0 {
             Poll::Data
         } else if self.migration_closed {
             Poll::Closed
@@ -227,12 +246,28 @@ impl StreamIn for Vsock {
         tx.shutdown();
     }
 
+    fn closed(&self) -> bool {
+        self.migration_closed
+    }
+
+    fn listen_again(&mut self) -> bool {
+        let mut tx = Self::tx();
+        self.rx.reset(&mut tx);
+        self.open = Open::None;
+        self.migration_closed = false;
+        self.migration_bytes = 0;
+        self.awaiting_reconnect = true;
+        true
+    }
+
     fn sink(&self) -> Option<(u64, u64)> {
         self.sink_result.map(|r| (r.bytes, r.cycles))
     }
 }
 
-/// The return path: the connection's transmit side.
+/// The return path: the connection's transmit side (whichever connection is open: after a
+/// postcopy recovery, the new one).
+#[derive(Clone, Copy)]
 pub struct VsockReturnPath(&'static Mutex<Tx<MmioNotify>>);
 
 impl ReturnPath for VsockReturnPath {

@@ -56,6 +56,12 @@ pub struct QemuMigration {
     pub timeout: Duration,
     /// Send this file to the image instead of migrating (a hostile stream).
     pub stream_file: Option<PathBuf>,
+    /// Postcopy recovery: break the connection this many times in postcopy (QMP
+    /// `migrate-pause` on the source, each after `before_break`), resuming each time with
+    /// `migrate resume=true` through a new bridge connection.
+    pub breaks: usize,
+    /// Time in postcopy before each break.
+    pub before_break: Duration,
 }
 
 impl Default for QemuMigration {
@@ -75,6 +81,8 @@ impl Default for QemuMigration {
             dump_dir: None,
             timeout: Duration::from_secs(240),
             stream_file: None,
+            breaks: 0,
+            before_break: Duration::from_millis(700),
         }
     }
 }
@@ -161,18 +169,27 @@ pub fn migrate(m: &QemuMigration, progress: &mut dyn FnMut(&Progress)) -> Result
     } else {
         None
     };
-    let relay_sock = work.path().join("bridge.sock");
-    let stream = work.path().join("stream.bin");
-    let relay = Relay::start(
-        &relay_sock,
-        Endpoint::Vsock { uds: daemon.uds().to_path_buf(), port: MIGRATION_PORT },
-        stream.clone(),
-        work.path().join("return-path.bin"),
-        deadline,
-    )?;
+    // One bridge connection per source connection (a postcopy recovery makes more), each
+    // recording its stream.
+    let (mut relays, mut pieces) = (Vec::new(), Vec::new());
+    let mut bridge = || -> Result<PathBuf> {
+        let n = pieces.len();
+        let sock = work.path().join(format!("bridge{n}.sock"));
+        let stream = work.path().join(format!("stream{n}.bin"));
+        let dest = Endpoint::Vsock { uds: daemon.uds().to_path_buf(), port: MIGRATION_PORT };
+        relays.push(Relay::start(
+            &sock,
+            dest,
+            stream.clone(),
+            work.path().join(format!("rp{n}.bin")),
+            deadline,
+        )?);
+        pieces.push(stream);
+        Ok(sock)
+    };
     let outcome = match &m.stream_file {
-        Some(file) => send_file(file, &relay_sock, &mut machine, deadline, &mut shown, progress),
-        None => run_source(m, &builder, &relay_sock, &mut machine, deadline, &mut shown, progress),
+        Some(file) => send_file(file, &bridge()?, &mut machine, deadline, &mut shown, progress),
+        None => run_source(m, &builder, &mut bridge, &mut machine, deadline, &mut shown, progress),
     };
     let (source_info, heartbeat_at_stop) = match outcome {
         Ok(v) => v,
@@ -190,7 +207,16 @@ pub fn migrate(m: &QemuMigration, progress: &mut dyn FnMut(&Progress)) -> Result
             return Ok((error_line(&e.0, started), log));
         }
     };
-    let (stream_bytes, rp_bytes) = relay.finish(Duration::from_secs(20)).unwrap_or((0, 0));
+    let (mut stream_bytes, mut rp_bytes) = (0, 0);
+    for relay in relays {
+        let (s, r) = relay.finish(Duration::from_secs(20)).unwrap_or((0, 0));
+        stream_bytes += s;
+        rp_bytes += r;
+    }
+    // The stream QEMU's own loader reads: the connections put back together (one, unless the
+    // migration recovered from breaks).
+    let stream = work.path().join("stream.bin");
+    std::fs::write(&stream, crate::recovery::rebuild(&pieces, &result)?)?;
     let mut line = summary(&result, started, sink.as_ref());
     line["source"] = source_info;
     line["bridge"] = json!({ "stream_bytes": stream_bytes, "return_path_bytes": rp_bytes });
@@ -229,7 +255,7 @@ fn source_builder(m: &QemuMigration) -> Result<SourceVmBuilder> {
 fn run_source(
     m: &QemuMigration,
     builder: &SourceVmBuilder,
-    bridge: &std::path::Path,
+    bridge: &mut dyn FnMut() -> Result<PathBuf>,
     machine: &mut Machine,
     deadline: Instant,
     shown: &mut Progress,
@@ -246,9 +272,11 @@ fn run_source(
     vm.set_max_bandwidth(m.max_bandwidth)?;
     vm.set_max_postcopy_bandwidth(m.max_postcopy_bandwidth)?;
     let start = Instant::now();
-    vm.migrate(&format!("unix:{}", bridge.display()))?;
+    vm.migrate(&format!("unix:{}", bridge()?.display()))?;
     let mut postcopy = false;
     let mut saw_postcopy_active = false;
+    let mut breaks_done = 0;
+    let mut resumes = Vec::new();
     let info = loop {
         let info = vm.query_migrate()?;
         saw_postcopy_active |= info.status == "postcopy-active";
@@ -273,6 +301,24 @@ fn run_source(
             vm.start_postcopy()?;
             postcopy = true;
         }
+        if breaks_done < m.breaks && info.status == "postcopy-active" {
+            std::thread::sleep(m.before_break);
+            shown.phase =
+                format!("postcopy recovery: breaking the connection ({} of {})", breaks_done + 1, m.breaks);
+            progress(shown);
+            vm.execute("migrate-pause", json!({}))?;
+            let paused = Instant::now();
+            vm.wait_status(&["postcopy-paused"], Duration::from_secs(30))?;
+            let sock = bridge()?;
+            vm.execute("migrate", json!({ "uri": format!("unix:{}", sock.display()), "resume": true }))?;
+            let status = vm.wait_status(&["postcopy-active", "completed"], Duration::from_secs(60))?.status;
+            resumes.push(paused.elapsed().as_secs_f64());
+            breaks_done += 1;
+            if status == "completed" {
+                bail!("the migration completed right at the resume: nothing was left to recover");
+            }
+            continue;
+        }
         if machine.ended()? {
             bail!("the image ended while the source was `{}`", info.status);
         }
@@ -290,7 +336,8 @@ fn run_source(
         json!({
             "status": info.status, "saw_postcopy_active": saw_postcopy_active,
             "transferred": info.transferred, "postcopy_requests": info.postcopy_requests,
-            "seconds": start.elapsed().as_secs_f64(),
+            "seconds": start.elapsed().as_secs_f64(), "breaks": breaks_done,
+            "seconds_from_pause_to_postcopy_active_again": resumes,
         }),
         heartbeat,
     ))
@@ -354,6 +401,8 @@ fn summary(r: &Value, started: Instant, sink: Option<&vsock::SinkRate>) -> Value
         "postcopy_vcpu_latency_ns": r["postcopy_vcpu_latency_ns"],
         "postcopy_latency_dist_ns": r["postcopy_latency_dist_ns"],
         "stream_mb_per_s": r["stream_mb_per_s"],
+        "breaks": r["breaks"],
+        "resent_requests": r["resent_requests"],
         "postcopy_stream_bytes": r["postcopy_stream_bytes"],
         "postcopy_mb_per_s": r["postcopy_mb_per_s"],
         "sink_mb_per_s_image": r["sink"]["mb_per_s"],

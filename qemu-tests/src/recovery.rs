@@ -162,8 +162,10 @@ pub fn run(dest_bin: &Path, r: &Recovery) -> Result<Outcome> {
     Ok(Outcome { summary, source_status: source.status, ram_diff, blocks: reference.len(), resume_seconds })
 }
 
-/// The one stream QEMU's loader can read: see the module docs.
-fn rebuild(pieces: &[PathBuf], summary: &Value) -> Result<Vec<u8>> {
+/// The one stream QEMU's loader can read from the connections' recorded streams `pieces`, with
+/// the breaks a destination reported (`summary["breaks"]`: `offset`, `open_ram_section`,
+/// `eos_read`): see the module docs. One piece and no breaks: that piece.
+pub fn rebuild(pieces: &[PathBuf], summary: &Value) -> Result<Vec<u8>> {
     let breaks = summary["breaks"].as_array().cloned().unwrap_or_default();
     if breaks.len() + 1 != pieces.len() {
         bail!("{} connections but {} breaks reported: {summary}", pieces.len(), breaks.len());

@@ -112,3 +112,27 @@ fn a_hostile_stream_over_vsock_is_refused_with_a_typed_error_and_shut_1() {
     assert_eq!(line["source"]["shut"], 1, "SHUT(1) on the return path: {line}");
     assert!(!log.contains("EXCEPTION") && !log.contains("PANIC"), "{log}");
 }
+
+#[test]
+fn the_image_recovers_from_two_breaks_over_vsock_and_ram_equals_qemus_load() {
+    // Postcopy slowed down so that it lasts through the breaks.
+    let m = QemuMigration {
+        mem_mib: 32,
+        sink_bytes: 0,
+        breaks: 2,
+        max_postcopy_bandwidth: 4 << 20,
+        ..QemuMigration::default()
+    };
+    let (line, log) = run(&m);
+    assert_eq!(line["state"], "END", "{line}\n{log}");
+    assert_eq!(line["source"]["status"], "completed", "{line}");
+    assert_eq!(line["source"]["breaks"], 2, "{line}");
+    let breaks = line["breaks"].as_array().unwrap();
+    assert_eq!(breaks.len(), 2, "the image paused twice: {line}");
+    for b in breaks {
+        assert!(b["missing_pages"].as_u64().unwrap() > 0, "{b}");
+    }
+    assert_eq!(line["guest_running"], true, "{line}");
+    assert_eq!(line["ram_equal"], true, "{line}");
+    assert!(log.contains("PAUSED at stream offset") && log.contains("the source reconnected"), "{log}");
+}

@@ -8,7 +8,8 @@
 //!         [--guest ARGS ("rate=16384 fill")] [--sink-mib N (32)] [--after-end-ms N (500)]
 //!         [--precopy-ms N (500)] [--max-bandwidth BYTES/S (16 MiB/s, precopy)]
 //!         [--max-postcopy-bandwidth BYTES/S (0: unlimited)]
-//!         [--boot-wait-ms N (3000, with --source-args)] [--dump-dir DIR] [--log FILE]
+//!         [--boot-wait-ms N (3000, with --source-args)] [--breaks N (0)] [--before-break-ms N]
+//!         [--dump-dir DIR] [--log FILE]
 //!         [--timeout-s N]
 //! migrate --source file:PATH --transport vsock     (a recorded or hostile stream over vsock)
 //! ```
@@ -59,6 +60,8 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             "--max-postcopy-bandwidth",
             "--boot-wait-ms",
             "--max-bandwidth",
+            "--breaks",
+            "--before-break-ms",
         ],
         &[],
     )?;
@@ -171,6 +174,8 @@ pub(crate) fn vsock_options(flags: &Flags) -> Result<qemu_tests::image_qemu::Qem
         boot_wait: ms("--boot-wait-ms", d.boot_wait)?,
         max_bandwidth: num("--max-bandwidth", d.max_bandwidth)?,
         stream_file,
+        breaks: num("--breaks", 0)? as usize,
+        before_break: ms("--before-break-ms", d.before_break)?,
     })
 }
 
