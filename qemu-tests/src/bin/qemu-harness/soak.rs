@@ -11,7 +11,13 @@
 //! `soak --vsock [--runs 12] [--mem-mib 16,32,64] [--postcopy-bandwidth 0,4M,16M]
 //! [--guest "rate=1024 fill"]` does it for the main path: a real QEMU 7.2 VM over virtio-vsock
 //! into the image (`migrate --source qemu --transport vsock`'s check: source `completed`,
-//! image END, the guest ran on, `ram_equal`).
+//! image END, the guest ran on, `ram_equal`); `--breaks N` adds N postcopy recoveries to each
+//! run.
+//!
+//! `soak --recovery [--runs 10] [--breaks 1,2] [--dest PATH]`: postcopy recovery into
+//! `postcopy-dest` against real QEMU 7.2 (`qemu_tests::recovery`: `migrate-pause`, then
+//! `migrate resume=true`; source `completed`, END, RAM equal to QEMU's load of the rebuilt
+//! stream); each line gives the pages missing at each break and the time to resume.
 //!
 //! Flags: `--runs 20`, `--stage2 ept,npt`, `--vcpus 4`, `--mem 112M`, `--max-bandwidth 12M`
 //! (bytes/s during precopy; postcopy is unlimited), `--precopy-for 2000` (ms), `--machine pc`,
@@ -48,6 +54,9 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     }
     if args.first().map(String::as_str) == Some("--vsock") {
         return vsock_runs(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("--recovery") {
+        return recovery_runs(&args[1..]);
     }
     let flags = Flags::new(
         args,
@@ -215,8 +224,11 @@ fn repeat(name: &str, runs: usize, mut one: impl FnMut(usize) -> (String, Result
 
 fn vsock_runs(args: &[String]) -> Result<()> {
     use qemu_tests::image_qemu::{migrate, QemuMigration};
-    let flags = Flags::new(args, &["--runs", "--mem-mib", "--postcopy-bandwidth", "--guest"], &[])?;
+    let flags =
+        Flags::new(args, &["--runs", "--mem-mib", "--postcopy-bandwidth", "--guest", "--breaks"], &[])?;
     let runs = runs(&flags, 12)?;
+    let breaks: usize =
+        flags.get("--breaks").unwrap_or("0").parse().map_err(|_| qemu_tests::Error("bad --breaks".into()))?;
     let number = |s: &str| s.parse::<u64>().map_err(|_| qemu_tests::Error(format!("bad number {s}")));
     let mems = list(&flags, "--mem-mib", "16,32,64", number)?;
     let bandwidths = list(&flags, "--postcopy-bandwidth", "0,4M,16M", bytes_per_s)?;
@@ -226,6 +238,7 @@ fn vsock_runs(args: &[String]) -> Result<()> {
             mem_mib: mem,
             max_postcopy_bandwidth: bw,
             sink_bytes: 0,
+            breaks,
             ..QemuMigration::default()
         };
         if let Some(g) = flags.get("--guest") {
@@ -236,17 +249,48 @@ fn vsock_runs(args: &[String]) -> Result<()> {
         let verdict = migrate(&m, &mut |_| {}).and_then(|(line, _log)| {
             if line["state"] == "END" && line["ram_equal"] == true && line["guest_running"] == true {
                 Ok(format!(
-                    "{} faults, {} requests, latency mean {} ns, postcopy {} MB/s, guest +{} heartbeats",
+                    "{} faults, {} requests, latency mean {} ns, postcopy {} MB/s, guest +{} heartbeats, breaks {}",
                     line["postcopy_faults"],
                     line["page_requests"],
                     line["postcopy_latency_ns"],
                     line["postcopy_mb_per_s"],
-                    line["guest_progress"]["advanced"]
+                    line["guest_progress"]["advanced"],
+                    line["breaks"]
                 ))
             } else {
                 bail!("{line}")
             }
         });
         (what, verdict)
+    })
+}
+
+fn recovery_runs(args: &[String]) -> Result<()> {
+    use qemu_tests::recovery::{run, Recovery};
+    let flags = Flags::new(args, &["--runs", "--breaks", "--dest"], &[])?;
+    let runs = runs(&flags, 10)?;
+    let number = |s: &str| s.parse::<usize>().map_err(|_| qemu_tests::Error(format!("bad number {s}")));
+    let breaks = list(&flags, "--breaks", "1,2", number)?;
+    let dest = match flags.get("--dest") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe()?.with_file_name("postcopy-dest"),
+    };
+    repeat("soak --recovery", runs, |i| {
+        let n = breaks[i % breaks.len()];
+        let verdict = run(&dest, &Recovery { breaks: n, ..Recovery::default() }).and_then(|out| {
+            if out.source_status == "completed" && out.summary["state"] == "END" && out.ram_diff.is_none() {
+                let missing: Vec<u64> = out.summary["breaks"]
+                    .as_array()
+                    .map(|b| b.iter().filter_map(|b| b["missing_pages"].as_u64()).collect())
+                    .unwrap_or_default();
+                Ok(format!(
+                    "pages missing at each break {missing:?}, pause to postcopy-active again {:.3?} s, {} requests resent",
+                    out.resume_seconds, out.summary["resent_requests"]
+                ))
+            } else {
+                bail!("{} {}: {:?}", out.source_status, out.summary, out.ram_diff)
+            }
+        });
+        (format!("{n} break(s)"), verdict)
     })
 }
