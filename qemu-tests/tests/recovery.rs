@@ -43,13 +43,14 @@ fn two_breaks_in_a_row_recover() {
 /// postcopy pages (cut inside a page), a connection carrying one RECV_BITMAP and then
 /// closing, and a third one with the whole handshake and the rest. `postcopy-dest` must
 /// pause twice, answer every bitmap in QEMU's encoding and complete.
-#[test]
-fn a_break_while_a_recv_bitmap_is_answered_recovers_on_the_next_connection() {
+const PAGES: u64 = 64;
+
+/// A QEMU 7.2-shaped postcopy stream up to RUN and 19½ postcopy pages, and a handshake
+/// connection's start (RECV_BITMAP pc.ram), and the rest of a whole recovery connection.
+fn generated_pieces() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     use agent::config::TARGET_PAGE_SIZE;
     use agent::testing::{pattern_page, StreamBuilder};
     use agent::wire::command::Command;
-    use std::io::{Read, Write};
-    const PAGES: u64 = 64;
     let mut s = StreamBuilder::new();
     s.header().configuration(b"pc-i440fx-7.2");
     s.command(Command::OpenReturnPath).advise(4096, 4096);
@@ -78,31 +79,78 @@ fn a_break_while_a_recv_bitmap_is_answered_recovers_on_the_next_connection() {
         handshake.page(name, p * TARGET_PAGE_SIZE, &pattern_page(p + 1000));
     }
     handshake.eos(2).ram_part(2, true).eos(2).eof();
-    let third = handshake.bytes;
+    (first, second, handshake.bytes)
+}
 
+/// `postcopy-dest` listening in a temporary directory, and a connect function.
+fn listening_dest(dump: Option<std::path::PathBuf>) -> (Dest, std::path::PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("dest.sock");
-    let dump = dir.path().join("dump");
     let opts = DestOptions {
         listen: Some(format!("unix:{}", sock.display())),
-        dump_dir: Some(dump.clone()),
+        dump_dir: dump,
         recover_timeout: Some(30),
         ..DestOptions::default()
     };
-    let dest = Dest::spawn(Path::new(DEST), &opts).unwrap();
-    let connect = || {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match std::os::unix::net::UnixStream::connect(&sock) {
-                Ok(c) => break c,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => panic!("connect: {e}"),
-            }
+    (Dest::spawn(Path::new(DEST), &opts).unwrap(), sock, dir)
+}
+
+fn connect(sock: &Path) -> std::os::unix::net::UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match std::os::unix::net::UnixStream::connect(sock) {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("connect: {e}"),
         }
-    };
+    }
+}
+
+/// Hostile resumes over a socket: a RECV_BITMAP for a block the destination does not have,
+/// and a RESUME before the bitmaps. Each ends `postcopy-dest` with a one-line typed error.
+#[test]
+fn hostile_resumes_are_one_line_typed_errors() {
+    use agent::testing::StreamBuilder;
+    use agent::wire::command::Command;
+    use std::io::Write;
+    let (first, _, _) = generated_pieces();
+    let mut unknown = StreamBuilder::new();
+    unknown.command(Command::RecvBitmap(b"vga.vram"));
+    let mut early = StreamBuilder::new();
+    early.command(Command::RecvBitmap(b"pc.ram")).command(Command::Resume);
+    for (handshake, error) in [
+        (unknown.bytes, "RecvBitmapBlock: unknown RAMBlock"),
+        (early.bytes, "CommandId: resume before the received bitmaps of 1 blocks were asked for"),
+    ] {
+        let (dest, sock, _dir) = listening_dest(None);
+        let mut c = connect(&sock);
+        c.write_all(&first).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        while !dest.stderr().contains("PAUSED at stream offset") {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(c);
+        let mut c = connect(&sock);
+        c.write_all(&handshake).unwrap();
+        let out = dest.wait(Duration::from_secs(30)).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+        let last = out.stderr.lines().last().unwrap();
+        assert!(last.starts_with("postcopy-dest: stream offset ") && last.contains(error), "{last}");
+    }
+}
+
+#[test]
+fn a_break_while_a_recv_bitmap_is_answered_recovers_on_the_next_connection() {
+    use agent::config::TARGET_PAGE_SIZE;
+    use agent::testing::pattern_page;
+    use std::io::{Read, Write};
+    let (first, second, third) = generated_pieces();
+    let dumps = tempfile::tempdir().unwrap();
+    let dump = dumps.path().join("dump");
+    let (dest, sock, _dir) = listening_dest(Some(dump.clone()));
     // Each connection is closed by the source side; what came back on it is kept.
     let send = |bytes: &[u8], wait_for: usize| -> Vec<u8> {
-        let mut c = connect();
+        let mut c = connect(&sock);
         c.write_all(bytes).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut back = vec![0u8; wait_for];
@@ -118,7 +166,7 @@ fn a_break_while_a_recv_bitmap_is_answered_recovers_on_the_next_connection() {
     assert_eq!(received, (1 << 19) - 1, "pages 0..19 arrived in postcopy (19 was cut)");
     assert_eq!(u64::from_be_bytes(answer[27..35].try_into().unwrap()), 0x0123_4567_89ab_cdef);
     // Third connection: both bitmaps, RESUME_ACK(1), and at the end SHUT(0).
-    let mut c = connect();
+    let mut c = connect(&sock);
     c.write_all(&third).unwrap();
     let mut back = Vec::new();
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
