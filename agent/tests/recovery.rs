@@ -4,7 +4,7 @@
 //! on; hostile resumes get typed errors.
 
 use agent::config::TARGET_PAGE_SIZE;
-use agent::postcopy::{Access, Engine, EngineConfig, Fault, Shared, State};
+use agent::postcopy::{Access, Engine, EngineConfig, Fault, Progress, Shared, State};
 use agent::testing::{bitmap, feed_through_ring, pattern_page, FakePorts, StreamBuilder, VecReturnPath};
 use agent::wire::command::Command;
 use agent::wire::return_path::{RpMessage, RECV_BITMAP_END_MARK};
@@ -102,6 +102,27 @@ fn parse_rp(mut bytes: &[u8]) -> Vec<(String, Option<Vec<u64>>)> {
     out
 }
 
+type TestEngine<'s, 'a> = Engine<'s, 'a, 'static, VecReturnPath, FakePorts>;
+
+/// Runs `test` with a fresh engine over fresh bitmaps and a recording return path.
+fn with_engine(test: impl FnOnce(&Shared<'_, VecReturnPath>, &mut TestEngine<'_, '_>)) {
+    let (received, requested) = (bitmap(8 << 30), bitmap(8 << 30));
+    let shared = Shared::new(&received, &requested, VecReturnPath::default());
+    let mut engine = Engine::new(&shared, FakePorts::default(), EngineConfig::default());
+    test(&shared, &mut engine);
+}
+
+/// Feeds `bytes` through a ring larger than them.
+fn feed(engine: &mut TestEngine<'_, '_>, bytes: &[u8]) -> Result<Progress, agent::Error> {
+    feed_through_ring(engine, bytes, 1 << 20, 1 << 20)
+}
+
+/// A new connection: a fresh return path.
+fn reconnect(shared: &Shared<'_, VecReturnPath>, engine: &mut TestEngine<'_, '_>) {
+    shared.reconnect(VecReturnPath::default());
+    engine.reconnected();
+}
+
 #[test]
 fn a_break_after_run_pauses_and_the_resume_answers_bitmaps_acks_and_asks_again() {
     let (before, during, after) = stream();
@@ -176,82 +197,66 @@ fn a_break_after_run_pauses_and_the_resume_answers_bitmaps_acks_and_asks_again()
 #[test]
 fn two_breaks_in_a_row_and_a_break_during_the_handshake_recover() {
     let (before, during, _) = stream();
-    let (received, requested) = (bitmap(8 << 30), bitmap(8 << 30));
-    let shared = Shared::new(&received, &requested, VecReturnPath::default());
-    let mut engine = Engine::new(&shared, FakePorts::default(), EngineConfig::default());
-    feed_through_ring(&mut engine, &before, 1 << 20, 1 << 20).unwrap();
-    feed_through_ring(&mut engine, &during, 1 << 20, 1 << 20).unwrap();
-    engine.connection_lost().unwrap();
-    // Second connection: one bitmap answered, then it breaks too.
-    shared.reconnect(VecReturnPath::default());
-    engine.reconnected();
-    feed_through_ring(&mut engine, &handshake(&[b"pc.ram"], false), 1 << 20, 1 << 20).unwrap();
-    let brk = engine.connection_lost().expect("a break during the handshake pauses again");
-    assert_eq!((shared.state.get(), brk.missing_pages), (State::Paused, 40));
-    // Third connection: a RESUME with only the bitmap of the old connection is refused...
-    shared.reconnect(VecReturnPath::default());
-    engine.reconnected();
-    let e = feed_through_ring(&mut engine, &handshake(&[b"pc.bios"], true), 1 << 20, 1 << 20).unwrap_err();
-    assert_eq!((e.field, e.defect), (Field::CommandId, Defect::BitmapsMissing { blocks: 1 }));
+    with_engine(|shared, engine| {
+        feed(engine, &before).unwrap();
+        feed(engine, &during).unwrap();
+        engine.connection_lost().unwrap();
+        // Second connection: one bitmap answered, then it breaks too.
+        reconnect(shared, engine);
+        feed(engine, &handshake(&[b"pc.ram"], false)).unwrap();
+        let brk = engine.connection_lost().expect("a break during the handshake pauses again");
+        assert_eq!((shared.state.get(), brk.missing_pages), (State::Paused, 40));
+        // Third connection: a RESUME with only the bitmap of the old connection is refused.
+        reconnect(shared, engine);
+        let e = feed(engine, &handshake(&[b"pc.bios"], true)).unwrap_err();
+        assert_eq!((e.field, e.defect), (Field::CommandId, Defect::BitmapsMissing { blocks: 1 }));
+    });
 }
 
 #[test]
 fn the_whole_handshake_on_a_third_connection_completes_the_migration() {
     let (before, during, after) = stream();
-    let (received, requested) = (bitmap(8 << 30), bitmap(8 << 30));
-    let shared = Shared::new(&received, &requested, VecReturnPath::default());
-    let mut engine = Engine::new(&shared, FakePorts::default(), EngineConfig::default());
-    feed_through_ring(&mut engine, &before, 1 << 20, 1 << 20).unwrap();
-    feed_through_ring(&mut engine, &during, 1 << 20, 1 << 20).unwrap();
-    for _ in 0..2 {
-        engine.connection_lost().unwrap();
-        shared.reconnect(VecReturnPath::default());
-        engine.reconnected();
-        feed_through_ring(&mut engine, &handshake(&[b"pc.ram", b"pc.bios"], true), 1 << 20, 1 << 20).unwrap();
-        assert_eq!(shared.state.get(), State::Running);
-    }
-    assert!(feed_through_ring(&mut engine, &after, 1 << 20, 1 << 20).unwrap().finished);
-    assert_eq!(shared.state.get(), State::End);
+    with_engine(|shared, engine| {
+        feed(engine, &before).unwrap();
+        feed(engine, &during).unwrap();
+        for _ in 0..2 {
+            engine.connection_lost().unwrap();
+            reconnect(shared, engine);
+            feed(engine, &handshake(&[b"pc.ram", b"pc.bios"], true)).unwrap();
+            assert_eq!(shared.state.get(), State::Running);
+        }
+        assert!(feed(engine, &after).unwrap().finished);
+        assert_eq!(shared.state.get(), State::End);
+    });
 }
 
 #[test]
 fn hostile_resumes_get_typed_errors() {
     let (before, during, _) = stream();
-    let paused = || {
-        let (received, requested) = (bitmap(8 << 30), bitmap(8 << 30));
-        (received, requested)
-    };
     // RECV_BITMAP for a block the destination does not have.
-    let (received, requested) = paused();
-    let shared = Shared::new(&received, &requested, VecReturnPath::default());
-    let mut engine = Engine::new(&shared, FakePorts::default(), EngineConfig::default());
-    feed_through_ring(&mut engine, &before, 1 << 20, 1 << 20).unwrap();
-    feed_through_ring(&mut engine, &during, 1 << 20, 1 << 20).unwrap();
-    engine.connection_lost().unwrap();
-    shared.reconnect(VecReturnPath::default());
-    engine.reconnected();
-    let e = feed_through_ring(&mut engine, &handshake(&[b"vga.vram"], true), 1 << 20, 1 << 20).unwrap_err();
-    assert_eq!((e.field, e.defect), (Field::RecvBitmapBlock, Defect::UnknownBlock));
-    assert_eq!(shared.with_rp(|rp| parse_rp(&rp_bytes(rp.port())))[0].0, "Shut(1)");
-
+    with_engine(|shared, engine| {
+        feed(engine, &before).unwrap();
+        feed(engine, &during).unwrap();
+        engine.connection_lost().unwrap();
+        reconnect(shared, engine);
+        let e = feed(engine, &handshake(&[b"vga.vram"], true)).unwrap_err();
+        assert_eq!((e.field, e.defect), (Field::RecvBitmapBlock, Defect::UnknownBlock));
+        assert_eq!(shared.with_rp(|rp| parse_rp(&rp_bytes(rp.port())))[0].0, "Shut(1)");
+    });
     // RESUME without any bitmap.
-    let (received, requested) = paused();
-    let shared = Shared::new(&received, &requested, VecReturnPath::default());
-    let mut engine = Engine::new(&shared, FakePorts::default(), EngineConfig::default());
-    feed_through_ring(&mut engine, &before, 1 << 20, 1 << 20).unwrap();
-    engine.connection_lost().unwrap();
-    shared.reconnect(VecReturnPath::default());
-    engine.reconnected();
-    let e = feed_through_ring(&mut engine, &handshake(&[], true), 1 << 20, 1 << 20).unwrap_err();
-    assert_eq!((e.field, e.defect), (Field::CommandId, Defect::BitmapsMissing { blocks: 2 }));
-
+    with_engine(|shared, engine| {
+        feed(engine, &before).unwrap();
+        engine.connection_lost().unwrap();
+        reconnect(shared, engine);
+        let e = feed(engine, &handshake(&[], true)).unwrap_err();
+        assert_eq!((e.field, e.defect), (Field::CommandId, Defect::BitmapsMissing { blocks: 2 }));
+    });
     // RECV_BITMAP on a connection that never broke.
-    let (received, requested) = paused();
-    let shared = Shared::new(&received, &requested, VecReturnPath::default());
-    let mut engine = Engine::new(&shared, FakePorts::default(), EngineConfig::default());
-    feed_through_ring(&mut engine, &before, 1 << 20, 1 << 20).unwrap();
-    let e = feed_through_ring(&mut engine, &handshake(&[b"pc.ram"], false), 1 << 20, 1 << 20).unwrap_err();
-    assert_eq!((e.field, e.defect), (Field::CommandId, Defect::WrongState { state: State::Running }));
+    with_engine(|_, engine| {
+        feed(engine, &before).unwrap();
+        let e = feed(engine, &handshake(&[b"pc.ram"], false)).unwrap_err();
+        assert_eq!((e.field, e.defect), (Field::CommandId, Defect::WrongState { state: State::Running }));
+    });
 }
 
 #[test]
