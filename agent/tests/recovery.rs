@@ -117,6 +117,19 @@ fn feed(engine: &mut TestEngine<'_, '_>, bytes: &[u8]) -> Result<Progress, agent
     feed_through_ring(engine, bytes, 1 << 20, 1 << 20)
 }
 
+/// The stream up to the break, the break, and a new connection.
+fn break_and_reconnect(
+    shared: &Shared<'_, VecReturnPath>,
+    engine: &mut TestEngine<'_, '_>,
+    pieces: &[&[u8]],
+) {
+    for piece in pieces {
+        feed(engine, piece).unwrap();
+    }
+    engine.connection_lost().unwrap();
+    reconnect(shared, engine);
+}
+
 /// A new connection: a fresh return path.
 fn reconnect(shared: &Shared<'_, VecReturnPath>, engine: &mut TestEngine<'_, '_>) {
     shared.reconnect(VecReturnPath::default());
@@ -198,11 +211,8 @@ fn a_break_after_run_pauses_and_the_resume_answers_bitmaps_acks_and_asks_again()
 fn two_breaks_in_a_row_and_a_break_during_the_handshake_recover() {
     let (before, during, _) = stream();
     with_engine(|shared, engine| {
-        feed(engine, &before).unwrap();
-        feed(engine, &during).unwrap();
-        engine.connection_lost().unwrap();
         // Second connection: one bitmap answered, then it breaks too.
-        reconnect(shared, engine);
+        break_and_reconnect(shared, engine, &[&before, &during]);
         feed(engine, &handshake(&[b"pc.ram"], false)).unwrap();
         let brk = engine.connection_lost().expect("a break during the handshake pauses again");
         assert_eq!((shared.state.get(), brk.missing_pages), (State::Paused, 40));
@@ -235,19 +245,14 @@ fn hostile_resumes_get_typed_errors() {
     let (before, during, _) = stream();
     // RECV_BITMAP for a block the destination does not have.
     with_engine(|shared, engine| {
-        feed(engine, &before).unwrap();
-        feed(engine, &during).unwrap();
-        engine.connection_lost().unwrap();
-        reconnect(shared, engine);
+        break_and_reconnect(shared, engine, &[&before, &during]);
         let e = feed(engine, &handshake(&[b"vga.vram"], true)).unwrap_err();
         assert_eq!((e.field, e.defect), (Field::RecvBitmapBlock, Defect::UnknownBlock));
         assert_eq!(shared.with_rp(|rp| parse_rp(&rp_bytes(rp.port())))[0].0, "Shut(1)");
     });
     // RESUME without any bitmap.
     with_engine(|shared, engine| {
-        feed(engine, &before).unwrap();
-        engine.connection_lost().unwrap();
-        reconnect(shared, engine);
+        break_and_reconnect(shared, engine, &[&before]);
         let e = feed(engine, &handshake(&[], true)).unwrap_err();
         assert_eq!((e.field, e.defect), (Field::CommandId, Defect::BitmapsMissing { blocks: 2 }));
     });
