@@ -37,8 +37,9 @@ fn two_breaks_in_a_row_recover() {
 
 /// A break while a RECV_BITMAP is being answered. QEMU 7.2's source cannot survive it: its
 /// migration thread waits for each bitmap on a semaphore with no timeout while its
-/// return-path thread, seeing the error, pauses without posting it, and `migrate-pause`
-/// refuses the `postcopy-recover` state it is stuck in (tried: it stays there). So the
+/// return-path thread, seeing the error, pauses without posting it (observed: the source stayed
+/// in `postcopy-recover` for the 30 s the test waited), and 7.2's `migrate-pause` accepts only
+/// `postcopy-active` (read in its source). So the
 /// source side is played here from real QEMU-shaped bytes: the stream up to RUN and some
 /// postcopy pages (cut inside a page), a connection carrying one RECV_BITMAP and then
 /// closing, and a third one with the whole handshake and the rest. `postcopy-dest` must
