@@ -87,6 +87,7 @@ extern "C" fn kmain(info: u32, magic: u32) -> ! {
         at_end,
         probe: value("probe=").and_then(number),
         run_after_end_ms: value("after-end-ms=").and_then(number).unwrap_or(1000),
+        recover_timeout_ms: value("recover-timeout-ms=").and_then(number),
     };
     let per_us = latency::calibrate();
     defmt::info!("TSC: {=u64} cycles per microsecond (against PIT channel 2)", per_us);

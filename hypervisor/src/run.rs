@@ -80,6 +80,9 @@ pub struct Options {
     pub probe: Option<u64>,
     /// How long the guest runs once the migration is complete (`after-end-ms=N`).
     pub run_after_end_ms: u64,
+    /// After a break, how long to wait for the source to come back (`recover-timeout-ms=N`);
+    /// `None`: for ever.
+    pub recover_timeout_ms: Option<u64>,
 }
 
 /// The timestamps of the stream, for its rate.
@@ -178,6 +181,20 @@ pub fn migrate<V: Vcpu, S: StreamIn, R: ReturnPath>(
                 run_until = Some(now + opts.run_after_end_ms * 1000 * latency::calibrate());
                 defmt::info!("migration complete: the guest runs {=u64} ms more", opts.run_after_end_ms);
                 stream.finish();
+            }
+        }
+        if let (Some(since), Some(ms)) = (paused_since, opts.recover_timeout_ms) {
+            if hal::cpu::rdtsc() - since > ms * 1000 * latency::calibrate() {
+                let missing = breaks.last().map_or(0, |b| b.brk.missing_pages);
+                defmt::error!("postcopy recovery: the source did not come back within {=u64} ms", ms);
+                let _ = writeln!(
+                    Console,
+                    "RESULT {{\"state\":\"error\",\"vendor\":\"{}\",\"postcopy_state\":\"{}\",\"stream_bytes\":{},\"error\":\"the source did not come back within {ms} ms of the break: the migration is PAUSED with {missing} pages missing\"}}",
+                    V::VENDOR,
+                    shared.state.get().name(),
+                    engine.stats().bytes,
+                );
+                end(opts.at_end, Code::Failure)
             }
         }
         progress(&mut clock, &engine, &shared, guest.faults_served);

@@ -62,6 +62,10 @@ pub struct QemuMigration {
     pub breaks: usize,
     /// Time in postcopy before each break.
     pub before_break: Duration,
+    /// After the last break the source does not resume (the image must give up).
+    pub no_resume: bool,
+    /// The image's `recover-timeout-ms=` (how long it waits for the source after a break).
+    pub recover_timeout_ms: Option<u64>,
 }
 
 impl Default for QemuMigration {
@@ -83,6 +87,8 @@ impl Default for QemuMigration {
             stream_file: None,
             breaks: 0,
             before_break: Duration::from_millis(700),
+            no_resume: false,
+            recover_timeout_ms: None,
         }
     }
 }
@@ -150,11 +156,14 @@ pub fn migrate(m: &QemuMigration, progress: &mut dyn FnMut(&Progress)) -> Result
     progress(&shown);
     let work = tempfile::Builder::new().prefix("qemu-vsock-").tempdir()?;
     let daemon = Daemon::start(work.path())?;
-    let append = match m.source_args {
+    let mut append = match m.source_args {
         // The dirty guest's heartbeat is the progress counter the image reports.
         None => format!("hold probe={:#x} after-end-ms={}", STATUS_ADDR + 4, m.after_end_ms),
         Some(_) => format!("hold after-end-ms={}", m.after_end_ms),
     };
+    if let Some(ms) = m.recover_timeout_ms {
+        append += &format!(" recover-timeout-ms={ms}");
+    }
     let mut extra = daemon.qemu_args(MACHINE_MIB);
     extra.extend(["-m".into(), format!("{MACHINE_MIB}M")]);
     let mut machine = Machine::start_with(&image, &append, &extra)?;
@@ -309,6 +318,14 @@ fn run_source(
             vm.execute("migrate-pause", json!({}))?;
             let paused = Instant::now();
             vm.wait_status(&["postcopy-paused"], Duration::from_secs(30))?;
+            if m.no_resume && breaks_done + 1 == m.breaks {
+                // The source stays paused; the image gives up after its recover timeout.
+                let _ = vm.quit();
+                return Ok((
+                    json!({ "status": "postcopy-paused", "breaks": breaks_done + 1, "resumed": false }),
+                    None,
+                ));
+            }
             let sock = bridge()?;
             vm.execute("migrate", json!({ "uri": format!("unix:{}", sock.display()), "resume": true }))?;
             let status = vm.wait_status(&["postcopy-active", "completed"], Duration::from_secs(60))?.status;

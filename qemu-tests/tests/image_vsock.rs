@@ -136,3 +136,27 @@ fn the_image_recovers_from_two_breaks_over_vsock_and_ram_equals_qemus_load() {
     assert_eq!(line["ram_equal"], true, "{line}");
     assert!(log.contains("PAUSED at stream offset") && log.contains("the source reconnected"), "{log}");
 }
+
+#[test]
+fn a_source_that_never_comes_back_ends_the_image_with_a_one_line_error() {
+    let m = QemuMigration {
+        mem_mib: 32,
+        sink_bytes: 0,
+        breaks: 1,
+        no_resume: true,
+        recover_timeout_ms: Some(2000),
+        max_postcopy_bandwidth: 4 << 20,
+        ..QemuMigration::default()
+    };
+    let (line, log) = run(&m);
+    assert_eq!(line["state"], "error", "{line}\n{log}");
+    assert_eq!(line["source"]["status"], "postcopy-paused", "{line}");
+    let error = line["error"].as_str().unwrap();
+    assert!(
+        error.starts_with(
+            "the source did not come back within 2000 ms of the break: the migration is PAUSED with"
+        ) && error.ends_with("pages missing"),
+        "{error}"
+    );
+    assert!(log.contains("PAUSED at stream offset"), "{log}");
+}

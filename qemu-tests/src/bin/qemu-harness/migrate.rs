@@ -9,6 +9,7 @@
 //!         [--precopy-ms N (500)] [--max-bandwidth BYTES/S (16 MiB/s, precopy)]
 //!         [--max-postcopy-bandwidth BYTES/S (0: unlimited)]
 //!         [--boot-wait-ms N (3000, with --source-args)] [--breaks N (0)] [--before-break-ms N]
+//!         [--recover-timeout-ms N (the image waits for ever after a break)]
 //!         [--dump-dir DIR] [--log FILE]
 //!         [--timeout-s N]
 //! migrate --source file:PATH --transport vsock     (a recorded or hostile stream over vsock)
@@ -62,6 +63,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             "--max-bandwidth",
             "--breaks",
             "--before-break-ms",
+            "--recover-timeout-ms",
         ],
         &[],
     )?;
@@ -176,6 +178,11 @@ pub(crate) fn vsock_options(flags: &Flags) -> Result<qemu_tests::image_qemu::Qem
         stream_file,
         breaks: num("--breaks", 0)? as usize,
         before_break: ms("--before-break-ms", d.before_break)?,
+        no_resume: false,
+        recover_timeout_ms: flags
+            .get("--recover-timeout-ms")
+            .map(|_| num("--recover-timeout-ms", 0))
+            .transpose()?,
     })
 }
 
