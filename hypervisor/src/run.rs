@@ -166,7 +166,7 @@ pub fn migrate<V: Vcpu, S: StreamIn, R: ReturnPath>(
                     }
                     Ok(_) => {
                         let e = agent::Error::new(
-                            brk_offset(&engine),
+                            engine.stats().bytes,
                             agent::Field::EndOfStream,
                             agent::Defect::Truncated,
                         );
@@ -413,11 +413,6 @@ struct Recovered {
     brk: agent::postcopy::Break,
     /// TSC cycles until the source reconnected (0 while it has not).
     paused_cycles: u64,
-}
-
-/// The stream offset the engine has reached (for an error at a break that cannot recover).
-fn brk_offset<P: agent::ports::StreamPorts, R: ReturnPath>(engine: &Engine<'_, '_, '_, R, P>) -> u64 {
-    engine.stats().bytes
 }
 
 /// Hands the transport's bytes to the engine; joins pieces when it is stuck on a record spread

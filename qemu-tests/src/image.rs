@@ -88,6 +88,12 @@ impl Default for Migration {
     }
 }
 
+/// The status of the last SHUT (`00 01 00 04`, be32) in the return-path bytes `rp`, if any
+/// (its low byte: the destination sends 0 or 1).
+pub fn last_shut(rp: &[u8]) -> Option<u8> {
+    rp.windows(8).rev().find(|w| w[..4] == [0, 1, 0, 4]).map(|w| w[7])
+}
+
 /// A stream the image must refuse, for the hostile-input tests over COM1 and over vsock: a
 /// valid start, then a RAM_DISCARD range past the end of its block.
 pub fn discard_past_the_block_stream() -> Vec<u8> {
@@ -414,7 +420,7 @@ fn drive<E: Emulated, C: Com1>(
                     });
                     let sent = conn.write_all(&bytes).map_err(|e| e.to_string());
                     let rp = rp.join().unwrap_or_default();
-                    let shut = rp.windows(8).rev().find(|w| w[..4] == [0, 1, 0, 4]).map(|w| w[7]);
+                    let shut = last_shut(&rp);
                     Ok(
                         json!({ "bytes_sent": bytes.len(), "send": sent.err(), "return_path_bytes": rp.len(), "shut": shut }),
                     )

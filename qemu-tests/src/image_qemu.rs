@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use crate::guest::{build_dirty_guest, STATUS_ADDR};
 use crate::image::{build_image, Emulated, Machine, MACHINE_MIB};
 use crate::oracle::qemu_load_blocks;
-use crate::relay::{Endpoint, Relay};
+use crate::relay::{Endpoint, Relays};
 use crate::source::{SourceVm, SourceVmBuilder};
 use crate::vsock::{self, Daemon, MIGRATION_PORT, SINK_PORT};
 use crate::{bail, Result};
@@ -180,25 +180,11 @@ pub fn migrate(m: &QemuMigration, progress: &mut dyn FnMut(&Progress)) -> Result
     };
     // One bridge connection per source connection (a postcopy recovery makes more), each
     // recording its stream.
-    let (mut relays, mut pieces) = (Vec::new(), Vec::new());
-    let mut bridge = || -> Result<PathBuf> {
-        let n = pieces.len();
-        let sock = work.path().join(format!("bridge{n}.sock"));
-        let stream = work.path().join(format!("stream{n}.bin"));
-        let dest = Endpoint::Vsock { uds: daemon.uds().to_path_buf(), port: MIGRATION_PORT };
-        relays.push(Relay::start(
-            &sock,
-            dest,
-            stream.clone(),
-            work.path().join(format!("rp{n}.bin")),
-            deadline,
-        )?);
-        pieces.push(stream);
-        Ok(sock)
-    };
+    let dest = Endpoint::Vsock { uds: daemon.uds().to_path_buf(), port: MIGRATION_PORT };
+    let mut relays = Relays::new(work.path(), dest, deadline);
     let outcome = match &m.stream_file {
-        Some(file) => send_file(file, &bridge()?, &mut machine, deadline, &mut shown, progress),
-        None => run_source(m, &builder, &mut bridge, &mut machine, deadline, &mut shown, progress),
+        Some(file) => send_file(file, &relays.start_next()?, &mut machine, deadline, &mut shown, progress),
+        None => run_source(m, &builder, &mut relays, &mut machine, deadline, &mut shown, progress),
     };
     let (source_info, heartbeat_at_stop) = match outcome {
         Ok(v) => v,
@@ -216,16 +202,17 @@ pub fn migrate(m: &QemuMigration, progress: &mut dyn FnMut(&Progress)) -> Result
             return Ok((error_line(&e.0, started), log));
         }
     };
+    let streams = relays.streams().to_vec();
     let (mut stream_bytes, mut rp_bytes) = (0, 0);
-    for relay in relays {
-        let (s, r) = relay.finish(Duration::from_secs(20)).unwrap_or((0, 0));
+    // Each relay writes its recording out when it ends.
+    for (s, r) in relays.finish(Duration::from_secs(20)).into_iter().map(|r| r.unwrap_or((0, 0))) {
         stream_bytes += s;
         rp_bytes += r;
     }
     // The stream QEMU's own loader reads: the connections put back together (one, unless the
     // migration recovered from breaks).
     let stream = work.path().join("stream.bin");
-    std::fs::write(&stream, crate::recovery::rebuild(&pieces, &result)?)?;
+    std::fs::write(&stream, crate::recovery::rebuild(&streams, &result)?)?;
     let mut line = summary(&result, started, sink.as_ref());
     line["source"] = source_info;
     line["bridge"] = json!({ "stream_bytes": stream_bytes, "return_path_bytes": rp_bytes });
@@ -264,7 +251,7 @@ fn source_builder(m: &QemuMigration) -> Result<SourceVmBuilder> {
 fn run_source(
     m: &QemuMigration,
     builder: &SourceVmBuilder,
-    bridge: &mut dyn FnMut() -> Result<PathBuf>,
+    bridge: &mut Relays,
     machine: &mut Machine,
     deadline: Instant,
     shown: &mut Progress,
@@ -281,7 +268,7 @@ fn run_source(
     vm.set_max_bandwidth(m.max_bandwidth)?;
     vm.set_max_postcopy_bandwidth(m.max_postcopy_bandwidth)?;
     let start = Instant::now();
-    vm.migrate(&format!("unix:{}", bridge()?.display()))?;
+    vm.migrate(&format!("unix:{}", bridge.start_next()?.display()))?;
     let mut postcopy = false;
     let mut saw_postcopy_active = false;
     let mut breaks_done = 0;
@@ -326,7 +313,7 @@ fn run_source(
                     None,
                 ));
             }
-            let sock = bridge()?;
+            let sock = bridge.start_next()?;
             vm.execute("migrate", json!({ "uri": format!("unix:{}", sock.display()), "resume": true }))?;
             let status = vm.wait_status(&["postcopy-active", "completed"], Duration::from_secs(60))?.status;
             resumes.push(paused.elapsed().as_secs_f64());
@@ -386,7 +373,7 @@ fn send_file(
     let _ = machine.wait_result(deadline);
     let _ = conn.shutdown(std::net::Shutdown::Both);
     let rp = rp.join().unwrap_or_default();
-    let shut = rp.windows(8).rev().find(|w| w[..4] == [0, 1, 0, 4]).map(|w| w[7]);
+    let shut = crate::image::last_shut(&rp);
     Ok((
         json!({ "bytes_sent": bytes.len(), "send_error": sent.err().map(|e| e.to_string()), "return_path_bytes": rp.len(), "shut": shut }),
         None,

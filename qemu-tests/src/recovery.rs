@@ -26,7 +26,7 @@ use crate::dest::{Dest, DestOptions};
 use crate::guest::build_dirty_guest;
 use crate::oracle::qemu_load_blocks;
 use crate::ram::diff_pages;
-use crate::relay::{Endpoint, Relay};
+use crate::relay::{Endpoint, Relays};
 use crate::scenario::dump_file_name;
 use crate::source::{Machine, SourceVm};
 use crate::{bail, Result};
@@ -98,21 +98,11 @@ pub fn run(dest_bin: &Path, r: &Recovery) -> Result<Outcome> {
     };
     let dest = Dest::spawn(dest_bin, &opts)?;
     let deadline = Instant::now() + r.timeout;
-    let mut pieces: Vec<PathBuf> = Vec::new();
-    let mut relays = Vec::new();
-    let mut relay = || -> Result<PathBuf> {
-        let n = pieces.len();
-        let sock = work.path().join(format!("relay{n}.sock"));
-        let stream = work.path().join(format!("stream{n}.bin"));
-        let rp = work.path().join(format!("rp{n}.bin"));
-        relays.push(Relay::start(&sock, Endpoint::Unix(dest_sock.clone()), stream.clone(), rp, deadline)?);
-        pieces.push(stream);
-        Ok(sock)
-    };
+    let mut relays = Relays::new(work.path(), Endpoint::Unix(dest_sock.clone()), deadline);
     vm.set_capabilities(&[("postcopy-ram", true)])?;
     vm.set_max_bandwidth(8 << 20)?;
     vm.set_max_postcopy_bandwidth(r.postcopy_bandwidth)?;
-    vm.migrate(&format!("unix:{}", relay()?.display()))?;
+    vm.migrate(&format!("unix:{}", relays.start_next()?.display()))?;
     std::thread::sleep(Duration::from_millis(500));
     vm.start_postcopy()?;
     wait_for(&mut vm, &["postcopy-active"], Duration::from_secs(30))?;
@@ -128,7 +118,7 @@ pub fn run(dest_bin: &Path, r: &Recovery) -> Result<Outcome> {
         vm.execute("migrate-pause", json!({}))?;
         let paused = Instant::now();
         wait_for(&mut vm, &["postcopy-paused"], Duration::from_secs(30))?;
-        let sock = relay()?;
+        let sock = relays.start_next()?;
         vm.execute("migrate", json!({ "uri": format!("unix:{}", sock.display()), "resume": true }))?;
         let status = wait_for(&mut vm, &["postcopy-active", "completed"], Duration::from_secs(30))?;
         resume_seconds.push(paused.elapsed().as_secs_f64());
@@ -144,13 +134,14 @@ pub fn run(dest_bin: &Path, r: &Recovery) -> Result<Outcome> {
     if !outcome.status.success() || summary["state"] != "END" {
         bail!("postcopy-dest did not complete: {summary}; stderr: {stderr}");
     }
-    for relay in relays {
-        relay.finish(Duration::from_secs(20))?;
+    let streams = relays.streams().to_vec();
+    for finished in relays.finish(Duration::from_secs(20)) {
+        finished?;
     }
     let _ = vm.quit();
 
     let stream = work.path().join("rebuilt.bin");
-    std::fs::write(&stream, rebuild(&pieces, &summary)?)?;
+    std::fs::write(&stream, rebuild(&streams, &summary)?)?;
     let reference = qemu_load_blocks(&builder, &stream, Duration::from_secs(120))?;
     let mut ram_diff = None;
     for (name, want) in &reference {

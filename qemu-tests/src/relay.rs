@@ -236,3 +236,43 @@ impl Relay {
         }
     }
 }
+
+/// A migration's connections, one relay after another to the same destination, each recording
+/// its stream: a postcopy recovery reconnects the source through a new one after each break.
+#[derive(Debug)]
+pub struct Relays {
+    dir: PathBuf,
+    dest: Endpoint,
+    deadline: Instant,
+    relays: Vec<Relay>,
+    streams: Vec<PathBuf>,
+}
+
+impl Relays {
+    /// No relay yet; their sockets and recordings go in `dir` (`relayN.sock`, `streamN.bin`,
+    /// `rpN.bin`).
+    pub fn new(dir: &Path, dest: Endpoint, deadline: Instant) -> Self {
+        Relays { dir: dir.to_path_buf(), dest, deadline, relays: Vec::new(), streams: Vec::new() }
+    }
+
+    /// Starts the next relay; returns the socket the source migrates to.
+    pub fn start_next(&mut self) -> Result<PathBuf> {
+        let n = self.streams.len();
+        let sock = self.dir.join(format!("relay{n}.sock"));
+        let stream = self.dir.join(format!("stream{n}.bin"));
+        let rp = self.dir.join(format!("rp{n}.bin"));
+        self.relays.push(Relay::start(&sock, self.dest.clone(), stream.clone(), rp, self.deadline)?);
+        self.streams.push(stream);
+        Ok(sock)
+    }
+
+    /// The recorded streams, one per connection, in order.
+    pub fn streams(&self) -> &[PathBuf] {
+        &self.streams
+    }
+
+    /// Waits for every relay to end ([`Relay::finish`]), in order.
+    pub fn finish(self, timeout: Duration) -> Vec<Result<(u64, u64)>> {
+        self.relays.into_iter().map(|r| r.finish(timeout)).collect()
+    }
+}

@@ -303,13 +303,9 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
     /// first). `None` when every page of every block is there.
     pub fn first_incomplete_block(&self, layout: &Layout) -> Option<(usize, u64, u64)> {
         layout.blocks().iter().enumerate().find_map(|(index, block)| {
-            let pages = block.pages();
-            let words = self.received.get(block.first_word..)?.iter().take(pages.div_ceil(64) as usize);
             let (mut missing, mut first) = (0, None);
-            for (i, word) in words.enumerate() {
-                let in_block = pages - 64 * i as u64;
-                let valid = if in_block >= 64 { u64::MAX } else { (1u64 << in_block) - 1 };
-                let holes = !word.load(Ordering::SeqCst) & valid;
+            for (i, (received, valid)) in self.received_words(block).enumerate() {
+                let holes = !received & valid;
                 if holes != 0 {
                     missing += u64::from(holes.count_ones());
                     first.get_or_insert(
@@ -424,22 +420,23 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
     /// multiple of 8 bytes, `be64` end mark).
     pub fn send_recv_bitmap(&self, layout: &Layout, block: usize) -> Result<(), SendFailed> {
         let b = layout.blocks().get(block).ok_or(SendFailed)?;
-        let pages = b.pages();
-        let words = pages.div_ceil(64) as usize;
-        let received = self.received.get(b.first_word..b.first_word + words).ok_or(SendFailed)?;
+        let words = b.pages().div_ceil(64) as usize;
+        // The size announced must be what follows: every word must be in the bitmap.
+        self.received.get(b.first_word..b.first_word + words).ok_or(SendFailed)?;
         self.rp.with(|rp| {
             rp.send(RpMessage::RecvBitmap { block: &b.name })?;
             rp.port.send(&(words as u64 * 8).to_be_bytes())?;
             let mut chunk = [0u8; 512];
-            for (i, group) in received.chunks(chunk.len() / 8).enumerate() {
-                let mut n = 0;
-                for (j, word) in group.iter().enumerate() {
-                    let first_page = (i * chunk.len() / 8 + j) as u64 * 64;
-                    let in_block = pages - first_page;
-                    let valid = if in_block >= 64 { u64::MAX } else { (1u64 << in_block) - 1 };
-                    chunk[n..n + 8].copy_from_slice(&(word.load(Ordering::SeqCst) & valid).to_le_bytes());
-                    n += 8;
+            let mut n = 0;
+            for (received, valid) in self.received_words(b) {
+                chunk[n..n + 8].copy_from_slice(&(received & valid).to_le_bytes());
+                n += 8;
+                if n == chunk.len() {
+                    rp.port.send(&chunk)?;
+                    n = 0;
                 }
+            }
+            if n > 0 {
                 rp.port.send(&chunk[..n])?;
             }
             rp.port.send(&RECV_BITMAP_END_MARK.to_be_bytes())
@@ -492,16 +489,19 @@ impl<'a, R: ReturnPath> Shared<'a, R> {
     /// Pages of `block` that have not arrived.
     pub fn missing_pages(&self, layout: &Layout, block: usize) -> u64 {
         let Some(b) = layout.blocks().get(block) else { return 0 };
+        self.received_words(b).map(|(received, valid)| u64::from((!received & valid).count_ones())).sum()
+    }
+
+    /// The `received` words of block `b`, each with the mask of the bits that are its pages
+    /// (all of them but in its last word).
+    fn received_words<'s>(&'s self, b: &crate::layout::Block) -> impl Iterator<Item = (u64, u64)> + 's {
         let pages = b.pages();
         let words = self.received.get(b.first_word..).into_iter().flatten().take(pages.div_ceil(64) as usize);
-        words
-            .enumerate()
-            .map(|(i, w)| {
-                let in_block = pages - 64 * i as u64;
-                let valid = if in_block >= 64 { u64::MAX } else { (1u64 << in_block) - 1 };
-                u64::from((!w.load(Ordering::SeqCst) & valid).count_ones())
-            })
-            .sum()
+        words.enumerate().map(move |(i, w)| {
+            let in_block = pages - 64 * i as u64;
+            let valid = if in_block >= 64 { u64::MAX } else { (1u64 << in_block) - 1 };
+            (w.load(Ordering::SeqCst), valid)
+        })
     }
 
     /// Pages requested and not received (what a resume would ask for again).
